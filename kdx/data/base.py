@@ -1,0 +1,57 @@
+"""What every kdx classification datamodule shares: loaders, class names and the shape of its images."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+
+class KdxDataModule(pl.LightningDataModule):
+    """A LightningDataModule that exposes `num_classes`, `in_chans`, `image_size` and `class_names`."""
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = True, eval_batch_size: int | None = None) -> None:
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.class_names: list[str] = []
+        self.in_chans: int = 3
+        self.image_size: int = 32
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, known after `setup()`."""
+        return len(self.class_names)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for loaders")
+        kwargs: dict[str, Any] = dict(
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train, drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+        return DataLoader(dataset, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set if self.test_set is not None else self.val_set, train=False)
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes and shapes, for results.json and logs."""
+        size = lambda d: len(d) if d is not None else 0  # noqa: E731
+        return {"num_classes": self.num_classes, "in_chans": self.in_chans, "image_size": self.image_size,
+                "train": size(self.train_set), "val": size(self.val_set), "test": size(self.test_set)}

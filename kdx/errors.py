@@ -1,0 +1,28 @@
+"""Errors a user can cause, each raised with one sentence that names the thing and what to do."""
+
+
+class KdxError(Exception):
+    """Base class of every user-facing kdx error."""
+
+
+class ConfigError(KdxError, ValueError):
+    """A config key has a bad value."""
+
+
+class DataError(KdxError, ValueError):
+    """A data folder, file or image cannot be used."""
+
+
+class CheckpointError(KdxError, ValueError):
+    """A checkpoint is missing or does not match the run."""
+
+
+class ModelNotFoundError(KdxError, KeyError):
+    """A model name is not known to any registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep the sentence readable
+        return str(self.args[0]) if self.args else ""
+
+
+class RunExistsError(KdxError, FileExistsError):
+    """An output folder already holds a finished run."""

@@ -1,0 +1,7 @@
+"""LightningModules: supervised/transfer classifier, distillation (mixin + module), linear probe."""
+from kdx.lit.classifier import ClassifierModule
+from kdx.lit.distill import DistillationMixin, DistillationModule, DistillTerm, check_alpha, logit_terms
+from kdx.lit.probe import LinearProbeModule
+
+__all__ = ["ClassifierModule", "DistillTerm", "DistillationMixin", "DistillationModule", "LinearProbeModule",
+           "check_alpha", "logit_terms"]

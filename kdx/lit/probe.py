@@ -1,0 +1,77 @@
+"""Logistic-regression probe: a linear layer fitted on a frozen teacher's penultimate features or logits."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kdx.errors import ConfigError
+from kdx.lit.optim import configure_optimization
+from kdx.models import penultimate_features
+
+
+class LinearProbeModule(pl.LightningModule):
+    """Fit `Linear(features, classes)` with sigmoid + BCE (one-vs-rest) or softmax + CE; the teacher never changes."""
+
+    def __init__(self, teacher: nn.Module, num_classes: int, num_features: int, loss: str = "bce",
+                 inputs: str = "features", optim: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if loss not in ("bce", "ce"):
+            raise ConfigError(f"task.probe_loss must be 'bce' or 'ce', got {loss!r}")
+        if inputs not in ("features", "logits"):
+            raise ConfigError(f"task.probe_inputs must be 'features' or 'logits', got {inputs!r}")
+        self.save_hyperparameters(ignore=["teacher"])
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher = teacher  # registered so it moves with the module; frozen and in eval mode
+        self.head = nn.Linear(num_features, num_classes)
+        self.num_classes, self.loss_name, self.inputs = num_classes, loss, inputs
+        self.optim_cfg = dict(optim or {})
+        self.metrics = nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro") for s in ("val", "test")})
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # batch-norm statistics of the teacher stay fixed
+        return self
+
+    @torch.no_grad()
+    def teacher_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the probe sees: the teacher's penultimate features or its logits."""
+        features, logits = penultimate_features(self.teacher, x)
+        return features if self.inputs == "features" else logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.teacher_inputs(x))
+
+    def probe_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """BCE against one-hot targets (each class a logistic regression) or softmax cross-entropy."""
+        if self.loss_name == "bce":
+            return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, self.num_classes).float())
+        return F.cross_entropy(logits, y)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.probe_loss(self(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", self.probe_loss(logits, y), on_epoch=True, sync_dist=True, batch_size=y.shape[0])
+        self.metrics[stage].update(logits, y)
+        self.log(f"{stage}/acc1", self.metrics[stage], on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self):
+        return configure_optimization(self, [{"params": list(self.head.parameters())}], self.optim_cfg)

@@ -1,0 +1,119 @@
+"""teacher -> student alone -> student distilled -> comparison, each stage a kdx-train run in one folder.
+
+A stage whose folder already holds a finished run with the same config is reused (a finished teacher
+is never retrained); one with a different config is an error, never overwritten.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdx.errors import ConfigError, RunExistsError
+from kdx.io import config_hash, read_results, write_json
+from kdx.train import build_datamodule, run_training, to_dict
+
+FORWARD_EXCLUDE = ("pipeline.", "experiment=", "hydra.", "run_name=", "+pipeline", "~pipeline")
+
+
+def forwarded_overrides(overrides: Sequence[str]) -> list[str]:
+    """The user's overrides that every stage receives (all but experiment=, pipeline.*, hydra.*)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(FORWARD_EXCLUDE)]
+
+
+def _set_aside(stage_dir: Path) -> Path:
+    """Rename an unfinished stage folder (failed or interrupted) so nothing in it is lost; return the new name."""
+    target = stage_dir.with_name(f"{stage_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+    stage_dir.rename(target)
+    return target
+
+
+def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[str],
+                 compose: Callable[[list[str]], DictConfig], compare: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Run every stage of `cfg.pipeline` (composing each with `compose(overrides)`), then the comparison."""
+    pipe = cfg.get("pipeline")
+    if not pipe or not pipe.get("stages"):
+        raise ConfigError("pipeline.stages is empty; pick a pipeline experiment, e.g. kdx-pipeline experiment=fmnist")
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    teacher_stage = pipe.get("teacher_stage", "teacher")
+    distill_stages = set(pipe.get("distill_stages") or [])
+    teacher_ckpt = pipe.get("teacher_ckpt")
+    if teacher_ckpt and not Path(teacher_ckpt).is_file():
+        raise ConfigError(f"pipeline.teacher_ckpt {teacher_ckpt} does not exist; pass a finished teacher's checkpoint")
+    forwarded = forwarded_overrides(user_overrides)
+    stages: dict[str, dict[str, Any]] = {}
+    stage_cfgs: dict[str, DictConfig] = {}
+    for name, stage_overrides in pipe.stages.items():
+        overrides = [*stage_overrides, *forwarded]
+        if name == teacher_stage and teacher_ckpt:
+            stages[name] = {"status": "given", "checkpoints": {"best": str(Path(teacher_ckpt).resolve())}}
+            stage_cfgs[name] = compose(overrides)
+            continue
+        if name in distill_stages or (name != teacher_stage and teacher_ckpt and "task=probe" in overrides):
+            if not teacher_ckpt:
+                raise ConfigError(f"pipeline stage {name!r} needs the teacher, but stage {teacher_stage!r} "
+                                  f"comes later or is missing; list the teacher stage first")
+            overrides.append(f"teacher.ckpt={teacher_ckpt}")
+        stage_cfg = compose(overrides)
+        stage_cfgs[name] = stage_cfg
+        stage_dir = run_dir / name
+        previous = read_results(stage_dir)
+        if previous and previous.get("status") == "completed":
+            if previous.get("config_hash") != config_hash(to_dict(stage_cfg)):
+                raise RunExistsError(f"{stage_dir} holds a finished {name} run made with a different config; "
+                                     f"use another folder (hydra.run.dir=...) or move it away")
+            print(f"[kdx] stage {name}: reusing the finished run in {stage_dir}", flush=True)
+            result = previous
+        else:
+            if stage_dir.exists():
+                print(f"[kdx] stage {name}: unfinished run moved to {_set_aside(stage_dir)}", flush=True)
+            print(f"[kdx] stage {name}: training ({' '.join(overrides)})", flush=True)
+            result = run_training(stage_cfg, stage_dir, overrides)
+        stages[name] = result
+        if name == teacher_stage:
+            teacher_ckpt = result["checkpoints"]["best"] or result["checkpoints"]["last"]
+    summary = {"run_dir": str(run_dir), "stages": {k: {"status": v.get("status"), "metrics": v.get("metrics"),
+                                                       "checkpoint": (v.get("checkpoints") or {}).get("best")}
+                                                   for k, v in stages.items()}}
+    if compare is not None:
+        summary["comparison"] = compare(cfg, run_dir, stages, stage_cfgs)
+    write_json(run_dir / "pipeline.json", summary)
+    return summary
+
+
+STAGE_LABELS = {"teacher": "teacher", "student": "student alone", "kd": "student distilled"}
+
+
+def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_cfgs: dict[str, DictConfig]):
+    """Load each stage's best checkpoint and write the comparison table on the test set."""
+    from kdx.checkpoints import load_network
+    from kdx.eval import compare_classifiers, print_table, write_comparison
+
+    first = next(iter(stage_cfgs.values()))
+    dm = build_datamodule(first.data)
+    dm.setup("test")
+    batches = list(dm.test_dataloader())
+    models = []
+    for name, result in stages.items():
+        ckpt = (result.get("checkpoints") or {}).get("best")
+        if not ckpt:
+            continue
+        net, meta = load_network(ckpt)
+        models.append((STAGE_LABELS.get(name, name), meta["model_name"], net))
+    opts = to_dict(cfg.pipeline.get("compare") or {})
+    rows = compare_classifiers(models, batches, (dm.in_chans, dm.image_size, dm.image_size),
+                               reference=models[0][0], latency_runs=int(opts.get("latency_runs", 30)),
+                               throughput_batch=int(opts.get("throughput_batch", 64)),
+                               throughput_runs=int(opts.get("throughput_runs", 5)), threads=opts.get("threads"))
+    title = f"{cfg.get('run_name')}: teacher vs student on the test set ({len(batches[0][1]) and sum(len(b[1]) for b in batches)} images)"
+    extra = {"data": first.data.get("name"), "latency": "CPU, eval mode, median of timed batch-1 passes"}
+    kd = stage_cfgs.get("kd")
+    if kd is not None and kd.task.name == "distill":
+        extra.update(temperature=float(kd.distill.temperature), alpha=float(kd.distill.alpha))
+    paths = write_comparison(rows, run_dir, title, extra)
+    print_table(rows, title)
+    print(f"[kdx] comparison written to {paths['md']}, {paths['json']} and {paths['png']}", flush=True)
+    return {"rows": rows, "files": {k: str(v) for k, v in paths.items()}}

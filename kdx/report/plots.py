@@ -1,0 +1,117 @@
+"""Heatmaps of a metric over temperature x alpha per pair, and a bar chart of the best metric per pair."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kdx.report.collect import JobRecord
+from kdx.report.tables import Grid, fmt
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_TAG = "kdx-report"  # stored in each PNG's metadata so a rerun knows the file is its own
+PAIRS_PNG = "pairs.png"
+
+
+def safe_name(text: str) -> str:
+    """`text` reduced to characters that are safe in a file name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("->", "_to_")).strip("._")
+    return name or "all"
+
+
+def heatmap_names(pairs: list[str]) -> dict[str, str]:
+    """File name `heatmap_<pair>.png` for each pair, made unique when two pairs sanitise alike."""
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for pair in pairs:
+        base = f"heatmap_{safe_name(pair)}"
+        name, n = f"{base}.png", 2
+        while name in used:
+            name, n = f"{base}_{n}.png", n + 1
+        used.add(name)
+        names[pair] = name
+    return names
+
+
+def is_kdx_png(path: Path) -> bool:
+    """True when `path` is a PNG that kdx-report wrote (its metadata carries the kdx tag)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(PNG_MAGIC) and PNG_TAG.encode() in head
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure drawn by the Agg canvas (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    """Save `fig` as PNG with the kdx tag in its metadata."""
+    fig.savefig(path, format="png", metadata={"Software": PNG_TAG, "Description": PNG_TAG})
+    return path
+
+
+def heatmap_png(grid: Grid, metric: str, mode: str, path: Path) -> Path:
+    """Write a heatmap of `grid` (rows: temperature, columns: alpha) with every cell annotated."""
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else v for v in row] for row in grid.means], dtype=float)
+    fig = _figure(1.6 + 1.1 * len(grid.alphas), 1.4 + 0.7 * len(grid.temperatures))
+    ax = fig.add_subplot(1, 1, 1)
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis" if mode == "max" else "viridis_r"].with_extremes(bad="#dddddd")
+    masked = np.ma.masked_invalid(data)
+    image = ax.imshow(masked, cmap=cmap, aspect="auto", origin="lower")
+    fig.colorbar(image, ax=ax, label=metric)
+    finite = data[np.isfinite(data)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for i in range(len(grid.temperatures)):
+        for k in range(len(grid.alphas)):
+            mean, n = grid.means[i][k], grid.counts[i][k]
+            if mean is None:
+                ax.text(k, i, "-", ha="center", va="center", color="#666666")
+                continue
+            frac = 0.5 if hi == lo else (mean - lo) / (hi - lo)
+            if mode == "min":
+                frac = 1.0 - frac
+            label = fmt(mean) + (f"\nn={n}" if n > 1 else "")
+            ax.text(k, i, label, ha="center", va="center", fontsize=9,
+                    color="black" if frac > 0.6 else "white")
+    ax.set_xticks(range(len(grid.alphas)), [fmt(a) for a in grid.alphas])
+    ax.set_yticks(range(len(grid.temperatures)), [fmt(t) for t in grid.temperatures])
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("temperature")
+    ax.set_title(f"{grid.pair}: {metric}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pairs_png(pairs: list[tuple[str, float, JobRecord]], metric: str, mode: str, path: Path) -> Path:
+    """Write a bar chart of the best `metric` per pair (best pair first), bars annotated."""
+    labels = [p for p, _, _ in pairs]
+    values = [v for _, v, _ in pairs]
+    fig = _figure(max(4.0, 1.5 + 1.2 * len(labels)), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    bars = ax.bar(range(len(labels)), values, color="#4c72b0")
+    if bars:
+        bars[0].set_color("#dd8452")  # the best pair
+    for bar, value in zip(bars, values):
+        ax.annotate(fmt(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+    tilt = len(labels) > 3 or max(len(x) for x in labels) > 12
+    ax.set_xticks(range(len(labels)), labels, rotation=25 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_ylabel(metric)
+    lo, hi = min(values + [0.0]), max(values + [0.0])
+    ax.set_ylim(lo * 1.1 if lo < 0 else 0.0, hi * 1.12 if hi > 0 else 1.0)
+    ax.set_title(f"best {metric} per pair ({mode})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
