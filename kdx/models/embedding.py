@@ -1,0 +1,49 @@
+"""Embedding networks by name: kdx's face nets as they are, or any classifier with its head replaced."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from kdx.errors import ConfigError
+from kdx.models.iresnet import IRESNETS
+from kdx.models.mobilefacenet import mobilefacenet
+from kdx.models.registry import _set_module, build_model, find_head, load_weights, resolve_source
+
+FACE_MODELS = {**IRESNETS, "mobilefacenet": mobilefacenet}
+
+
+def is_face_model(name: str) -> bool:
+    """True when `name` is one of kdx's face-embedding nets (IResNet, MobileFaceNet)."""
+    return name.removeprefix("kdx:") in FACE_MODELS
+
+
+class EmbeddingHead(nn.Sequential):
+    """Linear(features, embedding_size) + BatchNorm1d: the classifier replacement of an embedding net."""
+
+    def __init__(self, in_features: int, embedding_size: int):
+        super().__init__(nn.Linear(in_features, embedding_size), nn.BatchNorm1d(embedding_size))
+
+
+def build_embedding_model(name: str, embedding_size: int = 512, in_chans: int = 3, pretrained: bool | str = False,
+                          input_size: int | Sequence[int] = 112, **kwargs) -> nn.Module:
+    """A network whose forward returns an unnormalised B x embedding_size embedding (attribute `embedding_size`)."""
+    if not isinstance(embedding_size, int) or embedding_size <= 0:
+        raise ConfigError(f"model.embedding_size must be a positive integer, got {embedding_size!r}")
+    bare = name.removeprefix("kdx:")
+    if bare in FACE_MODELS:
+        model = FACE_MODELS[bare](num_classes=0, in_chans=in_chans, embedding_size=embedding_size,
+                                  input_size=input_size, **kwargs)
+        if pretrained:
+            if pretrained is True or not Path(str(pretrained)).expanduser().exists():
+                raise ConfigError(f"face model {name!r} has no downloadable weights; set model.pretrained to a local "
+                                  f"checkpoint file (got {pretrained!r})")
+            load_weights(model, pretrained)
+    else:
+        resolve_source(name)  # raises ModelNotFoundError with suggestions
+        model = build_model(name, num_classes=embedding_size, in_chans=in_chans, pretrained=pretrained, **kwargs)
+        path, head = find_head(model)
+        _set_module(model, path, EmbeddingHead(head.in_features, embedding_size))
+    model.embedding_size = embedding_size
+    return model

@@ -1,0 +1,53 @@
+"""kdx-eval on a face folder and a .bin file with a pickled torch model."""
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kdx.data.face_formats import write_verification_bin
+from kdx.eval.cli import eval_main, load_embedding_model
+
+
+class MeanColour(torch.nn.Module):
+    """Embedding = mean colour per channel + 1 (an identity's images share a colour)."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) + 1.0
+
+
+def test_eval_cli_folder_and_bin(tmp_path, capsys):
+    torch.save(MeanColour(), tmp_path / "model.pt")
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    rng = np.random.default_rng(0)
+    for i, c in enumerate(colours):
+        (tmp_path / "faces" / f"id{i}").mkdir(parents=True)
+        for j in range(4):
+            arr = np.clip(np.array(c) + rng.integers(-10, 10, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "faces" / f"id{i}" / f"{j}.png")
+    out = tmp_path / "m.json"
+    assert eval_main([str(tmp_path / "model.pt"), str(tmp_path / "faces"), "--num-pairs", "40",
+                      "--image-size", "16", "16", "--out", str(out), "--flip"]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["accuracy"] == 1.0 and metrics["auc"] == 1.0
+    assert "accuracy" in capsys.readouterr().out
+    images = torch.tensor([[c] * 2 for c in colours], dtype=torch.uint8).reshape(4, 2, 3)  # 4 images
+    images = images[:, 0, :, None, None].expand(4, 3, 8, 8).repeat(5, 1, 1, 1).contiguous()  # 20 images
+    issame = [False] * 10
+    write_verification_bin(tmp_path / "v.bin", images, issame)
+    assert eval_main([str(tmp_path / "model.pt"), str(tmp_path / "v.bin"), "--image-size", "8", "8",
+                      "--folds", "5"]) == 0
+    assert eval_main([str(tmp_path / "missing.pt"), str(tmp_path / "v.bin")]) == 2
+    assert isinstance(load_embedding_model(tmp_path / "model.pt"), MeanColour)
+
+
+def test_load_kdx_face_checkpoint(tmp_path):
+    from kdx.models import build_embedding_model
+
+    net = build_embedding_model("mobilefacenet", 16, input_size=32).eval()
+    spec = {"name": "mobilefacenet", "embedding_size": 16, "input_size": 32}
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "kdx": {"embedding_model": spec, "network_prefix": "net."}}, tmp_path / "face.ckpt")
+    loaded = load_embedding_model(tmp_path / "face.ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), net(x))
