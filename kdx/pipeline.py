@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from kdx.errors import ConfigError, RunExistsError
-from kdx.io import config_hash, read_results, write_json
-from kdx.train import build_datamodule, run_training, to_dict
+from kdx.io import read_results, write_json
+from kdx.train import build_datamodule, run_config_hash, run_training, to_dict
 
 FORWARD_EXCLUDE = ("pipeline.", "experiment=", "hydra.", "run_name=", "+pipeline", "~pipeline")
 
@@ -62,7 +62,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[
         stage_dir = run_dir / name
         previous = read_results(stage_dir)
         if previous and previous.get("status") == "completed":
-            if previous.get("config_hash") != config_hash(to_dict(stage_cfg)):
+            if previous.get("config_hash") != run_config_hash(stage_cfg):
                 raise RunExistsError(f"{stage_dir} holds a finished {name} run made with a different config; "
                                      f"use another folder (hydra.run.dir=...) or move it away")
             print(f"[kdx] stage {name}: reusing the finished run in {stage_dir}", flush=True)
@@ -117,3 +117,15 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
     print_table(rows, title)
     print(f"[kdx] comparison written to {paths['md']}, {paths['json']} and {paths['png']}", flush=True)
     return {"rows": rows, "files": {k: str(v) for k, v in paths.items()}}
+
+
+def compare_stages(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_cfgs: dict[str, DictConfig]):
+    """The comparison of `pipeline.compare.kind`: classification (default) or face verification."""
+    kind = (cfg.pipeline.get("compare") or {}).get("kind", "classification")
+    if kind == "face":
+        from kdx.eval.compare_face import compare_face
+
+        return compare_face(cfg, run_dir, stages, stage_cfgs)
+    if kind != "classification":
+        raise ConfigError(f"pipeline.compare.kind must be classification or face, got {kind!r}")
+    return compare_classification(cfg, run_dir, stages, stage_cfgs)

@@ -27,7 +27,7 @@ from kdx.models import build_model, find_head
 from kdx.trainer import build_trainer
 
 log = logging.getLogger("kdx")
-TASKS = ("supervised", "transfer", "distill", "probe")
+TASKS = ("supervised", "transfer", "distill", "probe", "face", "face_distill")
 
 
 def to_dict(node: Any) -> Any:
@@ -44,10 +44,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"task.name must be one of {', '.join(TASKS)}, got {task!r}")
     if cfg.task.get("network") not in ("teacher", "student"):
         raise ConfigError(f"task.network must be 'teacher' or 'student', got {cfg.task.get('network')!r}")
-    if task == "distill":
+    if task in ("distill", "face_distill"):
         check_temperature(cfg.distill.temperature)
         check_alpha(cfg.distill.alpha)
-        if not cfg.teacher.get("ckpt") and not cfg.teacher.get("pretrained"):
+        if task == "face_distill":
+            if not cfg.teacher.get("ckpt") and not cfg.teacher.get("pretrained") and not cfg.teacher.get("onnx"):
+                raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding "
+                                  "model), teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")
+        elif not cfg.teacher.get("ckpt") and not cfg.teacher.get("pretrained"):
             raise ConfigError("distillation needs a trained teacher: set teacher.ckpt=PATH (a kdx-train checkpoint) "
                               "or teacher.pretrained=true")
     if task == "probe" and not cfg.teacher.get("ckpt") and not cfg.teacher.get("pretrained"):
@@ -85,6 +89,10 @@ def count_parameters(module: torch.nn.Module) -> int:
 def build_module(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict[str, int]]:
     """The LightningModule of `task.name`, and the parameter counts of its networks."""
     task, optim = cfg.task, to_dict(cfg.optim)
+    if task.name in ("face", "face_distill"):
+        from kdx.lit.face import build_face_module
+
+        return build_face_module(cfg, dm)
     num_classes, in_chans = dm.num_classes, dm.in_chans
     if task.name == "probe":
         teacher, _ = build_network(cfg.teacher, num_classes, in_chans)
@@ -103,8 +111,11 @@ def build_module(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict[str, int
         module = DistillationModule(net, teacher, num_classes, temperature=cfg.distill.temperature,
                                     alpha=cfg.distill.alpha, terms=to_dict(cfg.distill.terms),
                                     save_teacher=bool(cfg.distill.get("save_teacher", False)), **common)
+        module.channels_last = bool(cfg.trainer.get("channels_last", False))
         return module, {"network": count_parameters(net), "teacher": count_parameters(teacher)}
-    return ClassifierModule(net, num_classes, **common), {"network": count_parameters(net)}
+    module = ClassifierModule(net, num_classes, **common)
+    module.channels_last = bool(cfg.trainer.get("channels_last", False))
+    return module, {"network": count_parameters(net)}
 
 
 def hparams_summary(cfg: DictConfig) -> dict[str, Any]:
@@ -112,7 +123,7 @@ def hparams_summary(cfg: DictConfig) -> dict[str, Any]:
     summary = {"task": cfg.task.name, "network": cfg.task.network, "pair": cfg.get("pair", {}).get("name"),
                "teacher": cfg.teacher.get("name"), "student": cfg.student.get("name"), "seed": cfg.seed,
                "data": cfg.data.get("name")}
-    if cfg.task.name == "distill":
+    if cfg.task.name in ("distill", "face_distill"):
         summary.update(temperature=float(cfg.distill.temperature), alpha=float(cfg.distill.alpha),
                        terms=to_dict(cfg.distill.terms))
     return summary
@@ -121,12 +132,27 @@ def hparams_summary(cfg: DictConfig) -> dict[str, Any]:
 RESUME_KEYS = {"resume": False, "force": False}  # how to run, not what: left out of the config hash
 
 
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The part of a config that decides a run's result (what the config hash covers when reusing runs).
+
+    Logging, progress display and resume/force are left out, and so are the networks and distillation
+    settings a task does not use: a teacher run's identity does not change when only the temperature does.
+    """
+    data = to_dict(cfg)
+    for key in ("logger", "hydra", *RESUME_KEYS):
+        data.pop(key, None)
+    (data.get("trainer") or {}).pop("progress_bar", None)
+    task = data.get("task", {})
+    if task.get("name") not in ("distill", "face_distill"):
+        data.pop("distill", None)
+        if task.get("name") != "probe":
+            data.pop("student" if task.get("network") == "teacher" else "teacher", None)
+    return data
+
+
 def run_config_hash(cfg: DictConfig) -> str:
-    """config_hash of the resolved config with `resume`/`force` at their defaults (a re-run is the same run)."""
-    config = to_dict(cfg)
-    if isinstance(config, dict):
-        config = {**config, **{k: v for k, v in RESUME_KEYS.items() if k in config}}
-    return config_hash(config)
+    """config_hash of the run's identity (see run_identity): equal hashes mean the same run was asked for."""
+    return config_hash(run_identity(cfg))
 
 
 def _resume_value(cfg: DictConfig) -> bool:
@@ -254,7 +280,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | No
     previous = read_results(run_dir) if action == "resume" or _worker else None
     results: dict[str, Any] = {
         "kdx_version": kdx.__version__, "status": "running", "error": None, "task": cfg.task.name,
-        "experiment": cfg.get("run_name"), "run_dir": str(run_dir), "overrides": list(overrides or []),
+        "experiment": cfg.get("run_name"), "run_dir": str(run_dir),
+        "overrides": [o for o in overrides or [] if o.lstrip("+~").split("=", 1)[0] not in RESUME_KEYS],
         "hparams": hparams_summary(cfg), "config_hash": run_config_hash(cfg),
         "started_at": datetime.now().isoformat(timespec="seconds"),
     }
@@ -285,6 +312,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | No
         trainer, ckpt_cb = build_trainer(cfg, run_dir)
         results.update(params=params, data=dm.describe())
         _note_wandb(results, trainer, run_dir)
+        if owner:  # the W&B run id is on disk before training starts (a killed run resumes into it)
+            write_json(run_dir / RESULTS_FILE, results)
         t0 = time.time()
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
         fit_s = time.time() - t0

@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from kdx.errors import ConfigError
 
@@ -37,6 +38,24 @@ class EpochSummary(Callback):
               flush=True)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder and renames it into place, so a crash
+    while saving leaves the previous checkpoint intact, never only a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def build_loggers(logger_cfg: dict[str, Any] | None, run_dir: Path, cfg: DictConfig) -> list:
     """Loggers named in the `logger` config (csv, tensorboard, wandb; several at once is fine)."""
     loggers = []
@@ -57,6 +76,14 @@ def build_loggers(logger_cfg: dict[str, Any] | None, run_dir: Path, cfg: DictCon
         else:
             raise ConfigError(f"logger {name!r} is unknown; use logger=csv, tensorboard or wandb (or a list of them)")
     return loggers
+
+
+def _uses_gpu(accelerator: Any) -> bool:
+    """True when `trainer.accelerator` runs on CUDA GPUs ('auto' picks them when present)."""
+    import torch
+
+    name = str(accelerator or "auto").lower()
+    return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheckpoint | None]:
@@ -86,12 +113,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, ModelChec
         trainer_cfg["enable_progress_bar"] = False
     else:
         raise ConfigError(f"trainer.progress_bar must be auto, rich, tqdm or none, got {progress!r}")
+    if trainer_cfg.get("sync_batchnorm") and not _uses_gpu(trainer_cfg.get("accelerator", "auto")):
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU version); "
+                          "drop it for CPU runs")
     loggers = build_loggers(OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None, run_dir, cfg)
     trainer_cfg.setdefault("enable_model_summary", False)
+    plugins = trainer_cfg.pop("plugins", None) or []
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # run_dir holds results.json by design
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     try:
-        trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks, **trainer_cfg)
+        trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks,
+                             plugins=[AtomicCheckpointIO(), *plugins], **trainer_cfg)
     except TypeError as e:
         raise ConfigError(f"the trainer config has a key pl.Trainer does not accept: {e}") from e
     return trainer, ckpt_cb

@@ -50,8 +50,19 @@ class ClassifierModule(pl.LightningModule):
     def _backbone_params(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.net.named_parameters() if not n.startswith(self.head_path + ".")]
 
+    channels_last = False  # set True to train in NHWC layout (faster convolutions on GPUs with tensor cores)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_fit_start(self) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.channels_last and isinstance(batch, (tuple, list)) and batch[0].ndim == 4:
+            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
 
     def regularisation(self) -> torch.Tensor | None:
         """L2-SP distance to the starting weights, or None when off."""
@@ -79,7 +90,9 @@ class ClassifierModule(pl.LightningModule):
         total = sum(terms.values())
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        # sync_dist: the epoch mean of train/loss is over every rank's batches under DDP (a scalar all-reduce)
+        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size,
+                 sync_dist=True)
         return total
 
     def _eval_step(self, batch, stage: str) -> None:
