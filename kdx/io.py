@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_FILE = "results.json"
+# name parts of folders kdx set aside instead of overwriting (force=true reruns, interrupted stages)
+SET_ASIDE_MARKERS = (".replaced-", ".incomplete-")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

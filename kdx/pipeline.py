@@ -5,7 +5,6 @@ is never retrained); one with a different config is an error, never overwritten.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -13,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdx.errors import ConfigError, RunExistsError
 from kdx.io import read_results, write_json
+from kdx.sweep import set_aside
 from kdx.train import build_datamodule, run_config_hash, run_training, to_dict
 
 FORWARD_EXCLUDE = ("pipeline.", "experiment=", "hydra.", "run_name=", "+pipeline", "~pipeline")
@@ -21,13 +21,6 @@ FORWARD_EXCLUDE = ("pipeline.", "experiment=", "hydra.", "run_name=", "+pipeline
 def forwarded_overrides(overrides: Sequence[str]) -> list[str]:
     """The user's overrides that every stage receives (all but experiment=, pipeline.*, hydra.*)."""
     return [o for o in overrides if not o.lstrip("+~").startswith(FORWARD_EXCLUDE)]
-
-
-def _set_aside(stage_dir: Path) -> Path:
-    """Rename an unfinished stage folder (failed or interrupted) so nothing in it is lost; return the new name."""
-    target = stage_dir.with_name(f"{stage_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-    stage_dir.rename(target)
-    return target
 
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[str],
@@ -69,7 +62,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[
             result = previous
         else:
             if stage_dir.exists():
-                print(f"[kdx] stage {name}: unfinished run moved to {_set_aside(stage_dir)}", flush=True)
+                print(f"[kdx] stage {name}: unfinished run moved to {set_aside(stage_dir, 'incomplete', keep=())}", flush=True)
             print(f"[kdx] stage {name}: training ({' '.join(overrides)})", flush=True)
             result = run_training(stage_cfg, stage_dir, overrides)
         stages[name] = result

@@ -16,11 +16,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kdx.errors import ConfigError
-from kdx.io import RESULTS_FILE, read_results
+from kdx.io import RESULTS_FILE, SET_ASIDE_MARKERS, read_results
 
 RESUME_CKPT_ENV = "KDX_RESUME_CKPT"  # checkpoint that rank 0 resumes from, inherited by the other ranks
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
-ASIDE_MARKERS = (".replaced-", ".incomplete-")
 
 
 # ---------------------------------------------------------------- run and sweep folders (`resume=`)
@@ -31,7 +30,7 @@ def latest_run(base: str | Path) -> Path | None:
     if not base.is_dir():
         return None
     runs = sorted(p for p in base.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and not any(m in p.name for m in ASIDE_MARKERS))
+                  if p.is_dir() and not p.name.startswith(".") and not any(m in p.name for m in SET_ASIDE_MARKERS))
     return runs[-1] if runs else None
 
 
@@ -100,7 +99,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     found = []
     for path in sorted(sweep_dir.rglob(RESULTS_FILE)):
         job = path.parent
-        if not any(m in part for part in job.relative_to(sweep_dir).parts for m in ASIDE_MARKERS):
+        if not any(m in part for part in job.relative_to(sweep_dir).parts for m in SET_ASIDE_MARKERS):
             found.append(job)
     return found
 

@@ -237,3 +237,12 @@ def test_bad_inputs(sweep: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(KdxError, match="pairs.png exists and is not a kdx report"):
         make_report(sweep, out=user)
     assert not (user / "report.md").exists()
+
+
+def test_folders_set_aside_by_kdx_are_not_reported(tmp_path):
+    from kdx.report.collect import collect_jobs
+
+    for name in ("0", "0.replaced-20261123-101010", "kd.incomplete-20261123-101010"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"status": "completed", "metrics": {"test/acc1": 0.5}}))
+    assert [job.rel for job in collect_jobs(tmp_path)] == ["0"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kdx.errors import KdxError
+from kdx.io import SET_ASIDE_MARKERS  # folders kdx set aside: kept on disk, not reported
 
 RESULTS_NAME = "results.json"
 HYDRA_DIR = ".hydra"
@@ -102,7 +103,7 @@ def find_results_files(root: Path) -> list[Path]:
     """Every results.json under `root`, recursively, skipping hidden folders."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not any(m in d for m in SET_ASIDE_MARKERS))
         if RESULTS_NAME in filenames:
             found.append(Path(dirpath) / RESULTS_NAME)
     return found
@@ -116,7 +117,7 @@ def find_dead_jobs(root: Path, results_files: list[Path]) -> list[Path]:
         covered.update(path.parent.parents)
     dead = []
     for dirpath, dirnames, _ in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not any(m in d for m in SET_ASIDE_MARKERS))
         folder = Path(dirpath)
         if folder not in covered and (folder / HYDRA_DIR).is_dir():
             dead.append(folder)
