@@ -15,7 +15,7 @@ from kdx.io import read_results, write_json
 from kdx.sweep import set_aside
 from kdx.train import build_datamodule, run_config_hash, run_training, to_dict
 
-FORWARD_EXCLUDE = ("pipeline.", "experiment=", "hydra.", "run_name=", "+pipeline", "~pipeline")
+FORWARD_EXCLUDE = ("pipeline.", "experiment=", "hydra.", "run_name=")
 
 
 def forwarded_overrides(overrides: Sequence[str]) -> list[str]:
@@ -101,7 +101,7 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
                                reference=models[0][0], latency_runs=int(opts.get("latency_runs", 30)),
                                throughput_batch=int(opts.get("throughput_batch", 64)),
                                throughput_runs=int(opts.get("throughput_runs", 5)), threads=opts.get("threads"))
-    title = f"{cfg.get('run_name')}: teacher vs student on the test set ({len(batches[0][1]) and sum(len(b[1]) for b in batches)} images)"
+    title = f"{cfg.get('run_name')}: teacher vs student on the test set ({sum(len(b[1]) for b in batches)} images)"
     extra = {"data": first.data.get("name"), "latency": "CPU, eval mode, median of timed batch-1 passes"}
     kd = stage_cfgs.get("kd")
     if kd is not None and kd.task.name == "distill":

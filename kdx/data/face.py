@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -44,6 +45,8 @@ class FaceTransform:
         if self.mean.shape[0] not in (1, in_chans) or self.std.shape[0] not in (1, in_chans):
             raise ConfigError(f"data.mean/data.std need 1 or {in_chans} values, got {self.mean.numel()}/{self.std.numel()}")
         self.flip = flip
+        self._mean_np = self.mean.numpy().astype(np.float32)
+        self._std_np = self.std.numpy().astype(np.float32)
 
     def load(self, item) -> Image.Image:
         """Open a path (or take a PIL image) in the right colour mode and size."""
@@ -61,12 +64,13 @@ class FaceTransform:
         return img
 
     def __call__(self, item) -> torch.Tensor:
+        # numpy, not torch: per-image torch ops start OpenMP threads, which are slow on a busy CPU
         img = self.load(item)
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width, -1)
-        x = x.permute(2, 0, 1).float().div_(255.0)
+        x = np.asarray(img, dtype=np.float32).reshape(img.height, img.width, -1).transpose(2, 0, 1) / 255.0
         if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return (x - self.mean) / self.std
+            x = x[:, :, ::-1]
+        x = (x - self._mean_np) / self._std_np
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 class FaceImageDataset(Dataset):
@@ -133,14 +137,22 @@ class FaceFolderDataModule(KdxDataModule):
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  image_size: int | Sequence[int] = 112, in_chans: int = 3, mean: float | Sequence[float] = 0.5,
                  std: float | Sequence[float] = 0.5, train_flip: bool = True, pairs_file: str | None = None,
-                 seed: int = 0, extensions: Sequence[str] = IMAGE_EXTENSIONS, pin_memory: bool = False):
-        """`val_identities`: held-out fraction (0 < f < 1) or count; `num_val_pairs`: pairs built from them."""
+                 seed: int = 0, extensions: Sequence[str] = IMAGE_EXTENSIONS, pin_memory: bool = False,
+                 test_identities: float | int | None = None, num_test_pairs: int | None = None):
+        """`val_identities`: held-out fraction (0 < f < 1) or count; `num_val_pairs`: pairs built from them.
+
+        `test_identities` (fraction or count, default None): hold out a second, disjoint set of identities
+        whose `num_test_pairs` pairs form the test split, so the checkpoint picked on validation is scored
+        on faces neither training nor model selection saw. None: the test split reuses the validation pairs.
+        """
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.val_identities = val_identities
         self.num_val_pairs = int(num_val_pairs)
+        self.test_identities = test_identities or None
+        self.num_test_pairs = int(num_test_pairs or num_val_pairs)
         self.image_size = _size(image_size)
         self.in_chans = int(in_chans)
         self.mean, self.std = mean, std
@@ -152,20 +164,20 @@ class FaceFolderDataModule(KdxDataModule):
         FaceTransform(self.image_size, self.in_chans, mean, std)  # validate options early
 
     # ----------------------------------------------------------------- identity split and pairs
-    def _num_held_out(self, n: int) -> int:
-        v = self.val_identities
+    def _num_held_out(self, n: int, key: str = "val_identities") -> int:
+        v = getattr(self, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ConfigError(f"data.val_identities must be a fraction in [0, 1) or a count >= 0, got {v!r}")
+            raise ConfigError(f"data.{key} must be a fraction in [0, 1) or a count >= 0, got {v!r}")
         if isinstance(v, float) and v < 1:
             k = int(round(v * n))
             k = max(k, 2) if v > 0 else 0
         else:
             k = int(v)
-        if self.pairs_file is None and k < 2:
-            raise ConfigError(f"data.val_identities={v!r} holds out {k} of {n} identities; verification pairs need "
-                              "at least 2 held-out identities (or set data.pairs_file)")
+        if (self.pairs_file is None or key != "val_identities") and k < 2:
+            raise ConfigError(f"data.{key}={v!r} holds out {k} of {n} identities; verification pairs need "
+                              "at least 2 held-out identities" + (" (or set data.pairs_file)" if key == "val_identities" else ""))
         if k >= n:
-            raise ConfigError(f"data.val_identities={v!r} holds out {k} of the {n} identities in {self.root}; "
+            raise ConfigError(f"data.{key}={v!r} holds out {k} of the {n} identities in {self.root}; "
                               "leave at least one for training")
         return k
 
@@ -177,11 +189,16 @@ class FaceFolderDataModule(KdxDataModule):
         identities = list_identity_folder(self.root, self.extensions)
         names = sorted(identities)
         k = self._num_held_out(len(names))
+        k_test = self._num_held_out(len(names), "test_identities") if self.test_identities else 0
+        if k_test and k + k_test >= len(names):
+            raise ConfigError(f"data.val_identities and data.test_identities hold out {k} + {k_test} of the "
+                              f"{len(names)} identities in {self.root}; leave at least one for training")
         g = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(names), generator=g).tolist()
         held = sorted(names[i] for i in order[:k])
-        train = sorted(names[i] for i in order[k:])
-        self._train_identities, self._held_out_identities = train, held
+        test_held = sorted(names[i] for i in order[k:k + k_test])
+        train = sorted(names[i] for i in order[k + k_test:])
+        self._train_identities, self._held_out_identities, self._test_identities = train, held, test_held
         self.class_names = list(train)
         self.train_samples = [(p, label) for label, name in enumerate(train) for p in identities[name]]
         if self.pairs_file is not None:
@@ -196,6 +213,9 @@ class FaceFolderDataModule(KdxDataModule):
         if not pairs:
             raise DataError(f"no verification pairs could be built from {self.root}; add held-out identities")
         self._pairs: list[Pair] = pairs
+        self._test_pairs: list[Pair] = (build_verification_pairs({n: identities[n] for n in test_held},
+                                                                 self.num_test_pairs, seed=self.seed + 1)
+                                        if test_held else pairs)
         self._split_done = True
 
     @property
@@ -203,6 +223,18 @@ class FaceFolderDataModule(KdxDataModule):
         """Verification pairs (path_a, path_b, issame), interleaved same/different."""
         self._prepare_split()
         return self._pairs
+
+    @property
+    def test_pairs(self) -> list[Pair]:
+        """Pairs of the test split: from `test_identities` when set, else the validation pairs."""
+        self._prepare_split()
+        return self._test_pairs
+
+    @property
+    def test_identities_held_out(self) -> list[str]:
+        """Names of the identities kept for the test split only (empty when test reuses validation)."""
+        self._prepare_split()
+        return self._test_identities
 
     @property
     def train_identities(self) -> list[str]:
@@ -240,9 +272,10 @@ class FaceFolderDataModule(KdxDataModule):
         self._prepare_split()
         self.train_set = FaceImageDataset(self.train_samples, FaceTransform(
             self.image_size, self.in_chans, self.mean, self.std, flip=self.train_flip))
-        self.val_set = VerificationPairsDataset(self.pairs, FaceTransform(
-            self.image_size, self.in_chans, self.mean, self.std, flip=False))
-        self.test_set = self.val_set
+        eval_transform = FaceTransform(self.image_size, self.in_chans, self.mean, self.std, flip=False)
+        self.val_set = VerificationPairsDataset(self.pairs, eval_transform)
+        self.test_set = (VerificationPairsDataset(self._test_pairs, eval_transform)
+                         if self._test_pairs is not self._pairs else self.val_set)
 
     def describe(self) -> dict:
         """Sizes, shapes and the identity split, for results.json and logs."""
@@ -250,6 +283,8 @@ class FaceFolderDataModule(KdxDataModule):
         out = super().describe()
         out.update(identities_train=len(self._train_identities), identities_held_out=len(self._held_out_identities),
                    val_pairs=len(self._pairs), val_same=sum(p[2] for p in self._pairs), root=str(self.root))
+        if self._test_identities:
+            out.update(identities_test=len(self._test_identities), test_pairs=len(self._test_pairs))
         return out
 
     def train_dataloader(self) -> DataLoader:
@@ -265,7 +300,7 @@ class FaceFolderDataModule(KdxDataModule):
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        """Same pairs as validation (held-out identities never seen in training)."""
+        """Pairs of the test identities, or the validation pairs when none are set apart."""
         if self.test_set is None:
             self.setup("test")
         return self._loader(self.test_set, train=False)
@@ -291,3 +326,66 @@ class ORLFacesDataModule(FaceFolderDataModule):
         kwargs.setdefault("extensions", (".pgm",))  # skips the stray s10/target.jpg
         super().__init__(root if root is not None else orl_faces_root(), val_identities=val_identities,
                          num_val_pairs=num_val_pairs, image_size=image_size, in_chans=in_chans, **kwargs)
+
+
+class FaceRecordDataModule(KdxDataModule):
+    """InsightFace-style training data (train.rec/.idx/property) + verification pairs from `.bin` files.
+
+    Training batches are (image, label) from the RecordIO folder; validation and test batches are
+    (image, index, issame) from `val_bin` and `test_bin` (the test split reuses `val_bin` when unset).
+    """
+
+    def __init__(self, rec_dir: str | os.PathLike, val_bin: str | os.PathLike, test_bin: str | os.PathLike | None = None,
+                 batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
+                 image_size: int | Sequence[int] = 112, in_chans: int = 3, mean: float | Sequence[float] = 0.5,
+                 std: float | Sequence[float] = 0.5, train_flip: bool = True, pin_memory: bool = False):
+        """`rec_dir` holds train.rec, train.idx (and property); `val_bin`/`test_bin` are InsightFace .bin files."""
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         eval_batch_size=eval_batch_size)
+        self.save_hyperparameters()
+        self.rec_dir = Path(rec_dir).expanduser()
+        self.val_bin = Path(val_bin).expanduser()
+        self.test_bin = Path(test_bin).expanduser() if test_bin else None
+        for key, path in (("data.rec_dir", self.rec_dir), ("data.val_bin", self.val_bin), ("data.test_bin", self.test_bin)):
+            if path is not None and not path.exists():
+                raise DataError(f"{key}={path} does not exist; point it at an InsightFace "
+                                + ("RecordIO folder (train.rec, train.idx)" if key == "data.rec_dir" else ".bin file"))
+        self.image_size = _size(image_size)
+        self.in_chans = int(in_chans)
+        self.mean, self.std = mean, std
+        self.train_flip = train_flip
+        self._train: Dataset | None = None
+
+    def _train_dataset(self):
+        if self._train is None:
+            from kdx.data.recordio import RecordFaceDataset
+
+            transform = FaceTransform(self.image_size, self.in_chans, self.mean, self.std, flip=self.train_flip)
+            self._train = RecordFaceDataset(self.rec_dir, transform=transform)
+            self.class_names = [str(i) for i in range(int(self._train.num_classes))]
+        return self._train
+
+    @property
+    def num_classes(self) -> int:
+        """Identities of the training set (from `property`, else the largest label + 1)."""
+        return int(self._train_dataset().num_classes)
+
+    def _bin_dataset(self, path: Path) -> VerificationTensorDataset:
+        from kdx.data.face_formats import read_verification_bin
+
+        images, issame = read_verification_bin(path, image_size=self.image_size)
+        return VerificationTensorDataset(images, issame.tolist(), self.in_chans, self.mean, self.std)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index the RecordIO file and decode the verification .bin file(s)."""
+        self.train_set = self._train_dataset()
+        if self.val_set is None:
+            self.val_set = self._bin_dataset(self.val_bin)
+            self.test_set = self._bin_dataset(self.test_bin) if self.test_bin else self.val_set
+
+    def describe(self) -> dict:
+        """Sizes, identities and the files used."""
+        out = super().describe()
+        out.update(rec_dir=str(self.rec_dir), val_bin=str(self.val_bin),
+                   test_bin=str(self.test_bin or self.val_bin))
+        return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdx.errors import ConfigError
@@ -46,4 +48,25 @@ def build_embedding_model(name: str, embedding_size: int = 512, in_chans: int = 
         path, head = find_head(model)
         _set_module(model, path, EmbeddingHead(head.in_features, embedding_size))
     model.embedding_size = embedding_size
+    model.input_size = _pair(input_size)  # what the net expects; `fit_input` resizes other batches to it
     return model
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def fit_input(x: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+    """`x` (B x C x H x W) resized to `size` (bilinear, antialiased) when its spatial size differs; else `x`."""
+    if size is None or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(int(v) for v in size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The H x W an embedding network was built for (attribute `input_size`), or None when unknown."""
+    size = getattr(model, "input_size", None)
+    return _pair(size) if size is not None else None
