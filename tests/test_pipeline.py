@@ -53,3 +53,16 @@ def test_pipeline_on_jpeg_folders_ends_in_a_comparison_and_reuses_the_teacher(tm
     changed = run_pipeline(tmp_path, "distill.temperature=2")
     assert changed.returncode == 2
     assert "kd holds a finished kd run made with a different config" in changed.stderr
+
+    # a finished teacher can seed a new pipeline folder; an unfinished stage there is set aside, not deleted
+    (tmp_path / "run2" / "student").mkdir(parents=True)
+    (tmp_path / "run2" / "student" / "results.json").write_text('{"status": "failed"}')
+    seeded = run_pipeline(tmp_path, "distill.temperature=2", f"hydra.run.dir={tmp_path / 'run2'}",
+                          f"pipeline.teacher_ckpt={teacher_ckpt}")
+    assert seeded.returncode == 0, seeded.stderr[-3000:]
+    assert not (tmp_path / "run2" / "teacher").exists()
+    aside = list((tmp_path / "run2").glob("student.incomplete-*"))
+    assert len(aside) == 1 and json.loads((aside[0] / "results.json").read_text())["status"] == "failed"
+    rows = json.loads((tmp_path / "run2" / "comparison.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "student alone", "student distilled"]
+    assert rows[0]["test_acc1"] == pytest.approx(comparison["rows"][0]["test_acc1"])  # the same teacher
