@@ -1,0 +1,172 @@
+"""Face teacher vs students, side by side: cost and verification on the held-out identities of the test split.
+
+Rows: the teacher (an ONNX model such as SFace, or a face run's checkpoint), the student trained alone
+and the distilled student. Each is scored with the insightface protocol (image + flipped-image
+embeddings, 10-fold accuracy, AUC, TAR@FAR) on the datamodule's test pairs; cost is parameters, MACs,
+weight size, CPU latency at batch 1 and throughput. Writes comparison.md/json/png.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kdx.errors import ConfigError
+from kdx.eval.compare import print_table, write_comparison
+from kdx.eval.profile import profile_model
+from kdx.eval.verification import far_key, verification_metrics
+from kdx.models.embedding import model_input_size
+from kdx.models.onnx_teacher import OnnxEmbeddingModel
+
+STAGE_LABELS = {"teacher": "teacher", "student": "student alone", "kd": "student distilled"}
+
+
+def face_columns(throughput_batch: int, far_targets: Sequence[float]) -> dict[str, tuple[str, str]]:
+    """Column key -> (header, format) of the face comparison table."""
+    cols = {
+        "model": ("model", "{}"), "architecture": ("architecture", "{}"), "input": ("input", "{}"),
+        "embedding_size": ("emb. dim", "{}"), "params": ("params", "{:,}"), "macs": ("MACs", "{:,}"),
+        "size_mb": ("size (MB)", "{:.2f}"), "latency_ms": ("latency b=1 (ms)", "{:.2f}"),
+        "images_per_s": (f"images/s b={throughput_batch}", "{:,.0f}"),
+        "verif_acc": ("verif. acc", "{:.4f}"), "verif_acc_std": ("± std", "{:.4f}"), "auc": ("AUC", "{:.4f}"),
+    }
+    for far in far_targets:
+        cols[far_key(far)] = (far_key(far).replace("tar@far", "TAR@FAR"), "{:.4f}")
+    return cols
+
+
+def onnx_parameter_count(path: str | Path) -> int:
+    """Number of stored values of an ONNX model (elements of all initializers, quantisation scales included)."""
+    import numpy as np
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return int(sum(int(np.prod(init.dims)) if len(init.dims) else 1 for init in proto.graph.initializer))
+
+
+def profile_onnx(model: OnnxEmbeddingModel, latency_runs: int = 10, throughput_batch: int = 64) -> dict[str, Any]:
+    """params (stored values), size_mb (file), latency_ms (median, batch 1) and images_per_s of an ONNX model."""
+    c = model.model_channels or 3
+    h, w = model.input_size or (112, 112)
+    x1, xb = torch.zeros(1, c, h, w), torch.zeros(throughput_batch, c, h, w)
+    model(x1)  # warm-up (creates the session)
+    times = []
+    for _ in range(max(1, latency_runs)):
+        t0 = time.perf_counter()
+        model(x1)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    model(xb)
+    batch_s = time.perf_counter() - t0
+    return {"params": onnx_parameter_count(model.path), "macs": None, "size_mb": model.path.stat().st_size / 2**20,
+            "latency_ms": statistics.median(times) * 1000, "images_per_s": throughput_batch / batch_s}
+
+
+def score_model(label: str, architecture: str, model: nn.Module, dataset, in_chans: int, opts: dict[str, Any],
+                far_targets: Sequence[float]) -> dict[str, Any]:
+    """One comparison row: cost and verification metrics of `model` on the pairs of `dataset`."""
+    from kdx.eval.cli import embed_dataset
+
+    flip = bool(opts.get("flip", True))
+    emb, flipped, issame = embed_dataset(model, dataset, batch_size=int(opts.get("batch_size", 64)), flip=flip)
+    m = verification_metrics(emb, issame, flipped, nrof_folds=int(opts.get("nrof_folds", 10)), far_targets=far_targets)
+    throughput_batch = int(opts.get("throughput_batch", 64))
+    if isinstance(model, OnnxEmbeddingModel):
+        cost = profile_onnx(model, latency_runs=min(int(opts.get("latency_runs", 30)), 10),
+                            throughput_batch=throughput_batch)
+        size = model.input_size or (112, 112)
+    else:
+        size = model_input_size(model) or (112, 112)
+        cost = profile_model(model, (in_chans, *size), latency_runs=int(opts.get("latency_runs", 30)),
+                             throughput_batch=throughput_batch, throughput_runs=int(opts.get("throughput_runs", 5)),
+                             threads=opts.get("threads"))
+    row = {"model": label, "architecture": architecture, "input": f"{size[0]}x{size[1]}",
+           "embedding_size": int(emb.shape[1]), **cost, "verif_acc": m["accuracy"], "verif_acc_std": m["accuracy_std"],
+           "auc": m["auc"], "threshold": m["best_threshold"]}
+    row.update({far_key(f): m.get(far_key(f)) for f in far_targets})
+    return row
+
+
+def _teacher_of(stages: dict[str, dict], stage_cfgs: dict[str, DictConfig], teacher_stage: str | None):
+    """(label, architecture, frozen teacher network) from the teacher stage's checkpoint or a distill stage's teacher."""
+    from kdx.lit.face import build_face_teacher, load_face_checkpoint
+    from kdx.train import to_dict
+
+    if teacher_stage and teacher_stage in stages:
+        ckpt = (stages[teacher_stage].get("checkpoints") or {}).get("best")
+        if ckpt:
+            net, _, meta = load_face_checkpoint(ckpt)
+            return STAGE_LABELS.get(teacher_stage, teacher_stage), meta["embedding_model"]["name"], net
+    for name, scfg in stage_cfgs.items():
+        if scfg.task.name == "face_distill":
+            spec = to_dict(scfg.teacher)
+            teacher = build_face_teacher(spec, data_mean=scfg.data.get("mean", 0.5), data_std=scfg.data.get("std", 0.5))
+            arch = spec.get("name") or Path(teacher.source).stem
+            if teacher.is_onnx:
+                arch = f"{arch} (ONNX)"
+            return "teacher (given)", arch, teacher.net
+    return None
+
+
+def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_cfgs: dict[str, DictConfig]):
+    """Score the teacher and every face stage's best checkpoint on the test pairs; write the comparison files."""
+    from kdx.eval.cli import load_embedding_model
+    from kdx.train import build_datamodule, to_dict
+
+    if not stage_cfgs:
+        raise ConfigError("pipeline.stages is empty; nothing to compare")
+    first = next(iter(stage_cfgs.values()))
+    dm = build_datamodule(first.data)
+    dm.setup("test")
+    dataset = dm.test_set
+    in_chans = int(dm.in_chans)
+    opts = to_dict(cfg.pipeline.get("compare") or {})
+    far_targets = tuple(float(f) for f in (opts.get("far_targets") or (1e-1, 1e-2, 1e-3)))
+    teacher_stage = cfg.pipeline.get("teacher_stage")
+    models: list[tuple[str, str, nn.Module]] = []
+    teacher = _teacher_of(stages, stage_cfgs, teacher_stage)
+    if teacher is not None:
+        models.append(teacher)
+    for name, result in stages.items():
+        if name == teacher_stage:
+            continue
+        ckpt = (result.get("checkpoints") or {}).get("best")
+        scfg = stage_cfgs.get(name)
+        if not ckpt or scfg is None or scfg.task.name not in ("face", "face_distill"):
+            continue
+        spec = to_dict(scfg[scfg.task.network])
+        models.append((STAGE_LABELS.get(name, name), spec.get("name"), load_embedding_model(ckpt)))
+    rows = []
+    for label, arch, net in models:
+        print(f"[kdx] comparison: scoring {label} ({arch})", flush=True)
+        rows.append(score_model(label, arch, net, dataset, in_chans, opts, far_targets))
+    n_pairs = len(dataset.issame)
+    info = dm.describe()
+    title = (f"{cfg.get('run_name')}: face verification on {n_pairs} test pairs of "
+             f"{info.get('identities_test') or info.get('identities_held_out', '?')} held-out identities")
+    extra = {
+        "data": first.data.get("name"),
+        "protocol": "insightface: embedding of image + flipped image, L2-normalised, 10-fold accuracy (mean ± std), "
+                    "AUC and TAR@FAR over all test pairs" if opts.get("flip", True) else
+                    "insightface 10-fold protocol without flipped images",
+        "identities": f"{info.get('identities_train')} training, {info.get('identities_held_out')} validation"
+                      + (f", {info['identities_test']} test" if info.get("identities_test") else " (test = validation pairs)"),
+        "latency": "CPU, eval mode, median of timed batch-1 passes at each model's own input size "
+                   "(ONNX: onnxruntime, including its preprocessing)",
+        "params/MACs of ONNX models": "params = stored values of all initializers (int8 weights and their scales "
+                                      "for SFace); MACs are not measured for ONNX models",
+    }
+    kd = next((c for c in stage_cfgs.values() if c.task.name == "face_distill"), None)
+    if kd is not None:
+        extra.update(distill_terms=to_dict(kd.distill.terms), alpha=float(kd.distill.alpha))
+    columns = face_columns(int(opts.get("throughput_batch", 64)), far_targets)
+    paths = write_comparison(rows, run_dir, title, extra, columns=columns, metric="verif_acc",
+                             metric_label="verification accuracy")
+    print_table(rows, title, columns)
+    print(f"[kdx] comparison written to {paths['md']}, {paths['json']} and {paths['png']}", flush=True)
+    return {"rows": rows, "files": {k: str(v) for k, v in paths.items()}}

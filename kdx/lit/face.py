@@ -1,0 +1,503 @@
+"""Face recognition as a Lightning task: margin-softmax training of an embedding network, verification
+on held-out identities, and distillation from a frozen face teacher (a kdx checkpoint or an ONNX model).
+
+Training batches are (images, identity labels); evaluation batches are (images, image index, pair is same)
+with images 2i and 2i+1 forming pair i (see kdx.data.face). Validation and test log, insightface-style
+(embeddings of each image plus its horizontal flip, 10-fold accuracy):
+`{val,test}/verif_acc`, `/verif_acc_std`, `/threshold`, `/auc`, `/tar@far=1e-1`, `/tar@far=1e-2`, ...
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from kdx.errors import CheckpointError, ConfigError, DataError, KdxError
+from kdx.eval.verification import VerificationMetric, far_key
+from kdx.lit.distill import DistillationMixin, DistillTerm
+from kdx.lit.optim import configure_optimization
+from kdx.losses import check_temperature
+from kdx.losses.face import embedding_cosine_loss, embedding_mse_loss, make_projector, relational_kd_loss
+from kdx.losses.logits import kd_loss
+from kdx.losses.margin import CombinedMarginHead, margin_loss
+from kdx.models.embedding import fit_input, model_input_size
+
+# preset -> (m1, m2, m3): ArcFace additive angular, CosFace additive cosine, normalised softmax
+MARGIN_PRESETS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "normsoftmax": (1.0, 0.0, 0.0)}
+FACE_TERMS = ("emb_mse", "emb_cos", "relational", "logit_kd")
+DEFAULT_FARS = (1e-1, 1e-2, 1e-3)
+
+
+def build_margin_head(embedding_size: int, num_classes: int, kind: str = "arcface", s: float = 64.0,
+                      m1: float | None = None, m2: float | None = None, m3: float | None = None,
+                      easy_margin: bool = False) -> CombinedMarginHead:
+    """A CombinedMarginHead from a `task.margin` config: preset `kind`, scale `s`, optional m1/m2/m3 overrides."""
+    if kind not in MARGIN_PRESETS:
+        raise ConfigError(f"task.margin.kind must be one of {', '.join(MARGIN_PRESETS)}, got {kind!r}")
+    p1, p2, p3 = MARGIN_PRESETS[kind]
+    return CombinedMarginHead(embedding_size, num_classes, s=float(s), m1=float(p1 if m1 is None else m1),
+                              m2=float(p2 if m2 is None else m2), m3=float(p3 if m3 is None else m3),
+                              easy_margin=bool(easy_margin))
+
+
+class FaceModule(pl.LightningModule):
+    """An embedding network trained with a combined-margin softmax over the training identities.
+
+    `net` maps B x C x H x W to B x D; batches of another size are resized to `input_size` first (so a small
+    student can learn from data prepared at its teacher's resolution). The margin head is used in training only.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, margin: Mapping[str, Any] | None = None,
+                 optim: Mapping[str, Any] | None = None, model_meta: Mapping[str, Any] | None = None,
+                 input_size: Sequence[int] | None = None, flip_eval: bool = True, nrof_folds: int = 10,
+                 far_targets: Sequence[float] = DEFAULT_FARS, bn_recalibration_batches: int = 0) -> None:
+        super().__init__()
+        self.net = net
+        self.num_classes = int(num_classes)
+        self.embedding_size = int(getattr(net, "embedding_size", 0) or (model_meta or {}).get("embedding_size", 0))
+        if self.embedding_size <= 0:
+            raise ConfigError("the face network has no `embedding_size`; build it with kdx.models.build_embedding_model")
+        self.margin_cfg = dict(margin or {})
+        self.head = build_margin_head(self.embedding_size, self.num_classes, **self.margin_cfg)
+        self.optim_cfg = dict(optim or {})
+        self.model_meta = dict(model_meta or {})
+        self.input_size = tuple(input_size) if input_size is not None else model_input_size(net)
+        self.flip_eval = bool(flip_eval)
+        self.far_targets = tuple(float(f) for f in far_targets)
+        self.bn_recalibration_batches = int(bn_recalibration_batches)
+        self._eval_batch_idx = -1
+        self.save_hyperparameters(ignore=["net", "teacher"])
+        self.metrics = nn.ModuleDict({stage: VerificationMetric(nrof_folds=nrof_folds, far_targets=self.far_targets)
+                                      for stage in ("val", "test")})
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embeddings of a batch (resized to the network's input size when needed)."""
+        return self.net(fit_input(x, self.input_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+    def own_losses(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The student's own loss terms: `margin` (cross-entropy of the margin logits)."""
+        return {"margin": margin_loss(self.head(embeddings, labels), labels)}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return self.log_terms(self.own_losses(self.embed(x), y), batch_size=y.shape[0])
+
+    def log_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """Sum the (already weighted) terms, log each as train/loss_<name> and the total as train/loss."""
+        total = sum(terms.values())
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size,
+                 sync_dist=True)
+        return total
+
+    # ------------------------------------------------------------------ verification
+    def _eval_step(self, batch, stage: str) -> None:
+        if len(batch) != 3:
+            raise DataError("face evaluation batches must be (images, image index, pair is same); use a face "
+                            "datamodule (kdx.data.face) for validation and test")
+        x, index, issame = batch
+        emb = self.embed(x)
+        flipped = self.embed(x.flip(-1)) if self.flip_eval else None
+        self.metrics[stage].update(emb, issame, index, flipped)
+        # score on the last batch, so callbacks' on_*_epoch_end hooks (printing, early stopping) see this epoch's values
+        trainer = self._trainer
+        counts = None if trainer is None else (trainer.num_test_batches if stage == "test" else trainer.num_val_batches)
+        if counts and batch_idx_is_last(self._eval_batch_idx, counts[0]):
+            self._log_verification(stage)
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches) -> int:
+        """Recompute the network's BatchNorm running statistics as plain averages over `batches` (precise BN).
+
+        Short runs leave running statistics dominated by the first steps' activations, which in eval mode can
+        collapse every embedding onto one direction; the averages over current training batches fix that.
+        Returns the number of batches used.
+        """
+        bns = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not bns:
+            return 0
+        momenta = [m.momentum for m in bns]
+        modes = {m: m.training for m in self.net.modules()}
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        self.net.train()
+        used = 0
+        try:
+            for batch in batches:
+                if used >= self.bn_recalibration_batches:
+                    break
+                self.embed(batch[0].to(self.device))
+                used += 1
+        finally:
+            for m, momentum in zip(bns, momenta):
+                m.momentum = momentum
+            for m, mode in modes.items():
+                m.training = mode
+        return used
+
+    def on_validation_epoch_start(self) -> None:
+        trainer = self.trainer
+        if self.bn_recalibration_batches <= 0 or trainer is None or trainer.sanity_checking or \
+                trainer.state.fn != "fit" or trainer.datamodule is None:
+            return
+        self.recalibrate_batchnorm(trainer.datamodule.train_dataloader())
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_batch_idx = batch_idx
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_batch_idx = batch_idx
+        self._eval_step(batch, "test")
+
+    def _log_verification(self, stage: str) -> None:
+        metric = self.metrics[stage]
+        if self._trainer is not None and self.trainer.sanity_checking:  # a partial pass cannot be scored
+            metric.reset()
+            return
+        if not metric.update_called:  # already scored on the last batch
+            return
+        try:
+            values = metric.compute()  # gathers every rank's embeddings (torchmetrics sync) before scoring
+        except DataError as e:
+            raise DataError(f"{e} (face verification needs every pair: keep trainer.limit_val_batches and "
+                            "trainer.limit_test_batches at 1.0)") from None
+        finally:
+            metric.reset()
+        logged = {"verif_acc": values["accuracy"], "verif_acc_std": values["accuracy_std"],
+                  "threshold": values["best_threshold"], "auc": values["auc"]}
+        logged.update({k: v for k, v in values.items() if k.startswith("tar@far=")})
+        for name, value in logged.items():  # identical on every rank already: no further reduction
+            self.log(f"{stage}/{name}", float(value), prog_bar=name == "verif_acc", sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_verification("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_verification("test")
+
+    # ------------------------------------------------------------------ optimisation and checkpoints
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters of the network, the margin head and any other student-side module."""
+        params = [p for n, p in self.named_parameters() if p.requires_grad]
+        return [{"params": params}]
+
+    def configure_optimizers(self):
+        return configure_optimization(self, self.parameter_groups(), self.optim_cfg)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # enough to rebuild the embedding network (kdx.eval.cli.load_embedding_model) and its margin head
+        checkpoint["kdx"] = {"task": "face", "embedding_model": dict(self.model_meta), "network_prefix": "net.",
+                             "head_prefix": "head.", "num_classes": self.num_classes,
+                             "margin": dict(self.margin_cfg),
+                             "class_names": list(self.model_meta.get("class_names") or [])}
+        checkpoint["kdx"]["embedding_model"].pop("class_names", None)
+
+
+def batch_idx_is_last(batch_idx: int, num_batches: float | int) -> bool:
+    """True when `batch_idx` is the last of `num_batches` (never for an unknown, infinite count)."""
+    return num_batches != float("inf") and batch_idx == int(num_batches) - 1
+
+
+# ---------------------------------------------------------------------- distillation
+class TeacherOutputCache:
+    """Teacher outputs keyed by the exact bytes of each input image.
+
+    Only an identical input (same image, same flip, same crop) is looked up; every new augmented view is a
+    miss and is computed, so a cached view is never replayed in place of a different one. Oldest entries
+    are dropped beyond `max_entries`.
+    """
+
+    def __init__(self, max_entries: int = 100_000):
+        self.max_entries = int(max_entries)
+        self.store: OrderedDict[bytes, dict[str, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(image: torch.Tensor) -> bytes:
+        """A 16-byte digest of one image's values, shape and dtype."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(str((tuple(image.shape), image.dtype)).encode())
+        h.update(image.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    def __call__(self, x: torch.Tensor, compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """compute(x) for the images not seen before, cached values for the others, in batch order."""
+        keys = [self.key(xi) for xi in x]
+        todo: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k in self.store:
+                self.store.move_to_end(k)
+            elif k not in todo:
+                todo[k] = i
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            rows = list(todo.values())
+            out = compute(x[rows])
+            for j, k in enumerate(todo):
+                self.store[k] = {name: v[j].detach().cpu() for name, v in out.items()}
+            while len(self.store) > self.max_entries:
+                self.store.popitem(last=False)
+        names = self.store[keys[0]].keys()
+        return {n: torch.stack([self.store[k][n] for k in keys]).to(x.device) for n in names}
+
+
+class FaceTeacher(nn.Module):
+    """A frozen face teacher: embedding network (torch or ONNX) and, for a kdx face checkpoint, its margin head.
+
+    `forward(x)` returns {"embedding": B x D} and, when the head is present, {"logits": B x K} (scaled cosines).
+    """
+
+    def __init__(self, net: nn.Module, head: CombinedMarginHead | None = None, class_names: Sequence[str] | None = None,
+                 input_size: Sequence[int] | None = None, source: str = ""):
+        super().__init__()
+        self.net, self.head = net, head
+        self.class_names = list(class_names or [])
+        self.input_size = tuple(input_size) if input_size is not None else model_input_size(net)
+        self.source = source
+        from kdx.models.onnx_teacher import OnnxEmbeddingModel
+
+        self.is_onnx = isinstance(net, OnnxEmbeddingModel)
+
+    @property
+    def embedding_size(self) -> int:
+        """Size of the teacher's embeddings."""
+        return int(self.net.embedding_size)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's outputs for a data-normalised batch."""
+        emb = self.net(x if self.is_onnx else fit_input(x, self.input_size)).float()
+        out = {"embedding": emb}
+        if self.head is not None:
+            out["logits"] = self.head(emb)
+        return out
+
+
+def load_face_checkpoint(path: str | Path) -> tuple[nn.Module, CombinedMarginHead | None, dict[str, Any]]:
+    """(embedding net, margin head or None, kdx metadata) of a checkpoint written by a face run."""
+    from kdx.checkpoints import read_checkpoint
+    from kdx.eval.cli import load_embedding_model
+
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("kdx") if isinstance(ckpt, dict) else None
+    if not meta or "embedding_model" not in meta:
+        raise CheckpointError(f"checkpoint {path} is not a kdx face checkpoint (no kdx.embedding_model); "
+                              "pass the best.ckpt of a task=face run, or an ONNX model as teacher.onnx")
+    net = load_embedding_model(path)
+    head = None
+    prefix = meta.get("head_prefix", "head.")
+    head_state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+    if head_state and "weight" in head_state:
+        head = build_margin_head(int(meta["embedding_model"]["embedding_size"]), int(meta["num_classes"]),
+                                 **(meta.get("margin") or {}))
+        head.load_state_dict(head_state)
+    return net, head, meta
+
+
+def build_face_teacher(spec: Mapping[str, Any], data_mean: Any = 0.5, data_std: Any = 0.5) -> FaceTeacher:
+    """The frozen teacher of a model spec: `onnx` (a path or `sface`), `ckpt` (a face run) or `name`+`pretrained`."""
+    from kdx.models.embedding import build_embedding_model
+
+    onnx, ckpt = spec.get("onnx"), spec.get("ckpt")
+    if onnx and ckpt:
+        raise ConfigError(f"teacher.onnx={onnx} and teacher.ckpt={ckpt} are both set; keep one (teacher.onnx=null "
+                          "to distil from the checkpoint)")
+    if onnx:
+        from kdx.models.onnx_teacher import OnnxEmbeddingModel, sface_model_path
+
+        path = sface_model_path() if str(onnx).lower() == "sface" else Path(str(onnx)).expanduser()
+        pre = dict(spec.get("preprocess") or {})
+        unknown = set(pre) - {"input_size", "channel_order", "value_range", "mean", "std", "convert_channels"}
+        if unknown:
+            raise ConfigError(f"teacher.preprocess has unknown keys {sorted(unknown)}; use input_size, channel_order, "
+                              "value_range, mean, std, convert_channels")
+        net = OnnxEmbeddingModel(path, input_size=pre.get("input_size"), channel_order=pre.get("channel_order") or "RGB",
+                                 value_range=tuple(pre.get("value_range") or (0.0, 255.0)), mean=pre.get("mean"),
+                                 std=pre.get("std"), convert_channels=bool(pre.get("convert_channels", True)),
+                                 input_mean=data_mean, input_std=data_std, device=spec.get("device") or "cpu")
+        return FaceTeacher(net, source=str(path))
+    if ckpt:
+        net, head, meta = load_face_checkpoint(ckpt)
+        return FaceTeacher(net, head, meta.get("class_names"), source=str(ckpt))
+    if spec.get("pretrained"):
+        kwargs = dict(spec.get("kwargs") or {})
+        net = build_embedding_model(spec["name"], int(kwargs.pop("embedding_size", 512)),
+                                    pretrained=spec["pretrained"], **kwargs)
+        return FaceTeacher(net.eval(), source=str(spec["pretrained"]))
+    raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding model), "
+                      "teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")
+
+
+def face_terms(weights: Mapping[str, float], temperature: float, projector: nn.Module,
+               mse_normalize: bool = False) -> list[DistillTerm]:
+    """DistillTerms on embeddings (emb_mse, emb_cos via `projector`, relational) and margin-head logits (logit_kd)."""
+    terms = []
+    for name, weight in weights.items():
+        if name == "emb_mse":
+            fn = lambda s, t, y: embedding_mse_loss(projector(s["embedding"]), t["embedding"], normalize=mse_normalize)  # noqa: E731
+        elif name == "emb_cos":
+            fn = lambda s, t, y: embedding_cosine_loss(projector(s["embedding"]), t["embedding"])  # noqa: E731
+        elif name == "relational":
+            fn = lambda s, t, y: relational_kd_loss(s["embedding"], t["embedding"])  # noqa: E731
+        elif name == "logit_kd":
+            fn = lambda s, t, y: kd_loss(s["logits"], t["logits"], temperature)  # noqa: E731
+        else:
+            raise ConfigError(f"distill.terms has unknown face term {name!r}; choose from {', '.join(FACE_TERMS)}")
+        terms.append(DistillTerm(name, float(weight), fn))
+    return terms
+
+
+class FaceDistillationModule(DistillationMixin, FaceModule):
+    """A face student trained on its own margin loss plus weighted distillation terms from a frozen teacher.
+
+    Total = alpha * sum_i w_i * term_i + (1 - alpha) * margin. A learned projection (student -> teacher
+    embedding size) is built when the sizes differ and `projection` is set; it is trained with the student
+    and saved with it, but is not part of the exported embedding network.
+    """
+
+    def __init__(self, net: nn.Module, teacher: FaceTeacher, num_classes: int, terms: Mapping[str, float] | None = None,
+                 alpha: float = 0.5, temperature: float = 4.0, projection: bool = True, mse_normalize: bool = False,
+                 save_teacher: bool = False, cache_teacher: bool | str = "auto", shared_identities: bool = False,
+                 **face_kwargs: Any) -> None:
+        super().__init__(net, num_classes, **face_kwargs)
+        weights = dict(terms or {"emb_cos": 1.0})
+        unknown = [n for n in weights if n not in FACE_TERMS]
+        if unknown:
+            raise ConfigError(f"distill.terms has unknown face term(s) {unknown}; choose from {', '.join(FACE_TERMS)}")
+        if weights.get("logit_kd") and (teacher.head is None or not shared_identities):
+            why = ("the teacher has no margin head (an ONNX model or a bare network)" if teacher.head is None else
+                   "the teacher's training identities differ from this run's")
+            raise ConfigError(f"distill.terms has logit_kd, but {why}; Hinton KD on margin-head logits needs a "
+                              "teacher trained on the same identity set (teacher.ckpt of a task=face run on this "
+                              "data). Drop logit_kd from distill.terms or use such a teacher")
+        self.temperature = check_temperature(temperature)
+        needs_projection = any(weights.get(n) for n in ("emb_mse", "emb_cos"))
+        s_dim, t_dim = self.embedding_size, teacher.embedding_size
+        self.projector = make_projector(s_dim, t_dim, bool(projection) and s_dim != t_dim) if needs_projection \
+            else nn.Identity()
+        if cache_teacher == "auto":
+            cache_teacher = teacher.is_onnx  # onnxruntime on the CPU dominates the step time
+        self.teacher_cache = TeacherOutputCache() if cache_teacher else None
+        self.configure_distillation(teacher, face_terms(weights, self.temperature, self.projector, mse_normalize),
+                                    alpha, save_teacher)
+
+    def teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen teacher's outputs for `x` (through the content-keyed cache when enabled)."""
+        if self.teacher_cache is None:
+            return self.teacher_forward(x)
+        return self.teacher_cache(x, self.teacher_forward)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        emb = self.embed(x)
+        student = {"embedding": emb}
+        if any(t.name == "logit_kd" and t.weight for t in self.distill_terms):
+            student["logits"] = self.head(emb)
+        teacher = self.teacher_outputs(x)
+        distilled = self.distillation_losses(student, teacher, y)
+        return self.log_terms(self.mix_losses(self.own_losses(emb, y), distilled, hard_keys=("margin",)),
+                              batch_size=y.shape[0])
+
+    def on_train_epoch_end(self) -> None:
+        c = self.teacher_cache
+        if c is not None and c.hits + c.misses:  # share of this epoch's images whose exact view was cached
+            self.log("train/teacher_cache_hit_rate", c.hits / (c.hits + c.misses), sync_dist=True)
+            c.hits = c.misses = 0
+
+
+# ---------------------------------------------------------------------- building from a config
+def _to_dict(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_face_network(spec: Mapping[str, Any], in_chans: int, data_size: Sequence[int]) -> tuple[nn.Module, dict[str, Any]]:
+    """A trainable embedding network from a model spec, and its `embedding_model` metadata."""
+    from kdx.models.embedding import build_embedding_model
+
+    if spec.get("onnx"):
+        raise ConfigError(f"{spec.get('name') or 'this network'} is an ONNX model (onnx={spec['onnx']}) and cannot be "
+                          "trained; train the student (task.network=student) or use a pair with a torch teacher")
+    kwargs = dict(spec.get("kwargs") or {})
+    embedding_size = int(kwargs.pop("embedding_size", 512))
+    input_size = kwargs.pop("input_size", None) or list(data_size)
+    if spec.get("ckpt"):  # start from a finished face run
+        net, _, meta = load_face_checkpoint(spec["ckpt"])
+        em = dict(meta["embedding_model"])
+        return net, em
+    net = build_embedding_model(spec["name"], embedding_size, in_chans=in_chans, pretrained=spec.get("pretrained") or False,
+                                input_size=input_size, **kwargs)
+    size = model_input_size(net)
+    meta = {"name": spec["name"], "embedding_size": embedding_size, "in_chans": in_chans,
+            "input_size": list(size), "kwargs": kwargs}
+    return net, meta
+
+
+def _probe_teacher(teacher: FaceTeacher, dm, spec: Mapping[str, Any]) -> None:
+    """Run the teacher once on two images of the data: a shape the model cannot take is a ConfigError now."""
+    dataset = dm.val_set if getattr(dm, "val_set", None) is not None else dm.train_set
+    x = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
+    try:
+        with torch.no_grad():
+            out = teacher(x)
+    except KdxError as e:
+        raise ConfigError(f"teacher {teacher.source} cannot take this data ({e})") from None
+    except Exception as e:  # onnxruntime / torch shape errors
+        where = "teacher.onnx" if spec.get("onnx") else "teacher"
+        raise ConfigError(f"{where} {teacher.source} fails on the data's {tuple(x.shape[1:])} images "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); set teacher.preprocess.input_size "
+                          f"(and channel_order) to the input the model was exported for") from None
+    emb = out["embedding"]
+    if emb.ndim != 2 or emb.shape[0] != x.shape[0]:
+        raise ConfigError(f"teacher {teacher.source} returns shape {tuple(emb.shape)} for a batch of {x.shape[0]}; "
+                          "an embedding teacher must return B x D")
+
+
+def build_face_module(cfg, dm) -> tuple[FaceModule, dict[str, int]]:
+    """The FaceModule (task=face) or FaceDistillationModule (task=face_distill) of a composed config."""
+    task = cfg.task
+    optim = _to_dict(cfg.optim)
+    if not hasattr(dm, "num_classes") or not hasattr(dm, "image_size"):
+        raise ConfigError(f"task={task.name} needs a face datamodule (data=orl, face_folder or face_rec)")
+    dm.setup("fit")
+    data_size = tuple(dm.image_size) if not isinstance(dm.image_size, int) else (dm.image_size, dm.image_size)
+    spec = _to_dict(cfg[task.network])
+    net, meta = build_face_network(spec, dm.in_chans, data_size)
+    meta["class_names"] = list(getattr(dm, "class_names", []) or [])
+    common = dict(margin=_to_dict(task.get("margin")) or {}, optim=optim, model_meta=meta,
+                  input_size=tuple(meta["input_size"]), flip_eval=bool(task.get("flip_eval", True)),
+                  nrof_folds=int(task.get("nrof_folds", 10)),
+                  far_targets=tuple(_to_dict(task.get("far_targets")) or DEFAULT_FARS),
+                  bn_recalibration_batches=int(task.get("bn_recalibration_batches", 0)))
+    n_params = sum(p.numel() for p in net.parameters())
+    if task.name == "face":
+        return FaceModule(net, dm.num_classes, **common), {"network": n_params}
+    distill = _to_dict(cfg.distill)
+    t_spec = _to_dict(cfg.teacher)
+    teacher = build_face_teacher(t_spec, data_mean=getattr(dm, "mean", 0.5), data_std=getattr(dm, "std", 0.5))
+    _probe_teacher(teacher, dm, t_spec)
+    shared = bool(teacher.class_names) and teacher.class_names == list(getattr(dm, "class_names", []) or [])
+    module = FaceDistillationModule(
+        net, teacher, dm.num_classes, terms=distill.get("terms"), alpha=distill.get("alpha", 0.5),
+        temperature=distill.get("temperature", 4.0), projection=bool(distill.get("projection", True)),
+        mse_normalize=bool(distill.get("mse_normalize", False)), save_teacher=bool(distill.get("save_teacher", False)),
+        cache_teacher=distill.get("cache_teacher", "auto"), shared_identities=shared, **common)
+    if teacher.is_onnx:
+        from kdx.eval.compare_face import onnx_parameter_count
+
+        t_params = onnx_parameter_count(teacher.net.path)
+    else:
+        t_params = sum(p.numel() for p in teacher.parameters())
+    return module, {"network": n_params, "teacher": t_params}

@@ -1,0 +1,212 @@
+"""Face LightningModules: margin training + verification logging, distillation terms, teachers and their errors."""
+import warnings
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from kdx.data.face import FaceFolderDataModule
+from kdx.errors import ConfigError
+from kdx.eval.cli import load_embedding_model
+from kdx.lit.face import (FaceDistillationModule, FaceModule, FaceTeacher, TeacherOutputCache, build_face_teacher,
+                          build_margin_head, _probe_teacher)
+from kdx.losses.face import EmbeddingProjector
+from kdx.models.embedding import build_embedding_model
+
+OPTIM = {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"}
+
+
+def _identity_folder(root, n_ids=20, per_id=6, size=24, seed=0):
+    """Synthetic identities: a random prototype face each, images = prototype + noise + brightness jitter."""
+    rng = np.random.default_rng(seed)
+    for i in range(n_ids):
+        proto = rng.uniform(0, 255, (size, size, 3))
+        d = root / f"id{i:02d}"
+        d.mkdir(parents=True)
+        for j in range(per_id):
+            img = np.clip(proto + rng.normal(0, 25, proto.shape) + rng.normal(0, 10), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{j}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def face_dm(tmp_path_factory):
+    root = _identity_folder(tmp_path_factory.mktemp("ids"))
+    dm = FaceFolderDataModule(root, val_identities=4, num_val_pairs=40, batch_size=16, image_size=24, seed=0)
+    dm.setup("fit")
+    return dm
+
+
+def _trainer(tmp_path, epochs=3, **kwargs):
+    return pl.Trainer(default_root_dir=str(tmp_path), max_epochs=epochs, accelerator="cpu", logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      enable_checkpointing=False, **kwargs)
+
+
+def _student(embedding_size=16, size=24):
+    torch.manual_seed(0)
+    return build_embedding_model("cnn_tiny", embedding_size, input_size=size)
+
+
+def _meta(embedding_size=16, size=24, dm=None):
+    return {"name": "cnn_tiny", "embedding_size": embedding_size, "in_chans": 3, "input_size": [size, size],
+            "kwargs": {}, "class_names": list(dm.class_names) if dm is not None else []}
+
+
+def test_margin_presets():
+    arc, cos, norm = (build_margin_head(8, 4, kind) for kind in ("arcface", "cosface", "normsoftmax"))
+    assert (arc.m1, arc.m2, arc.m3) == (1.0, 0.5, 0.0)
+    assert (cos.m1, cos.m2, cos.m3) == (1.0, 0.0, 0.4)
+    assert (norm.m1, norm.m2, norm.m3) == (1.0, 0.0, 0.0)
+    assert build_margin_head(8, 4, "arcface", s=30, m2=0.3).m2 == 0.3
+    with pytest.raises(ConfigError, match="task.margin.kind"):
+        build_margin_head(8, 4, "sphereface")
+
+
+def test_face_module_learns_logs_and_checkpoints(face_dm, tmp_path):
+    module = FaceModule(_student(), face_dm.num_classes, margin={"kind": "cosface", "s": 16.0}, optim=OPTIM,
+                        model_meta=_meta(dm=face_dm), bn_recalibration_batches=4)
+    trainer = _trainer(tmp_path, epochs=6)
+    before = trainer.validate(module, datamodule=face_dm, verbose=False)[0]
+    trainer.fit(module, datamodule=face_dm)
+    after = trainer.callback_metrics
+    for key in ("val/verif_acc", "val/verif_acc_std", "val/auc", "val/threshold", "val/tar@far=1e-1"):
+        assert key in after, key
+    assert float(after["val/verif_acc"]) > 0.75 and float(after["val/auc"]) > 0.8
+    assert float(after["val/auc"]) >= before["val/auc"] - 0.05
+    test = trainer.test(module, datamodule=face_dm, verbose=False)[0]
+    assert set(k for k in test if k.startswith("test/")) >= {"test/verif_acc", "test/auc"}
+    # the checkpoint rebuilds the embedding network for kdx-eval / the pipeline
+    path = tmp_path / "face.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["kdx"]["task"] == "face" and ckpt["kdx"]["embedding_model"]["name"] == "cnn_tiny"
+    assert ckpt["kdx"]["class_names"] == list(face_dm.class_names)
+    net = load_embedding_model(path)
+    x = torch.randn(3, 3, 24, 24)
+    module.eval()
+    torch.testing.assert_close(net(x), module(x))
+
+
+def test_face_module_resizes_to_the_student_input(face_dm):
+    module = FaceModule(_student(size=16), face_dm.num_classes, optim=OPTIM, model_meta=_meta(size=16))
+    assert module.input_size == (16, 16)
+    assert module.embed(torch.randn(2, 3, 24, 24)).shape == (2, 16)
+
+
+def _torch_teacher(embedding_size=24, head=None, class_names=None):
+    torch.manual_seed(1)
+    net = build_embedding_model("cnn_tiny", embedding_size, input_size=24).eval()
+    return FaceTeacher(net, head, class_names, source="tiny torch teacher")
+
+
+def test_distillation_reduces_embedding_loss_and_keeps_teacher_frozen(face_dm, tmp_path):
+    teacher = _torch_teacher(24)
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, terms={"emb_cos": 1.0, "relational": 1.0},
+                                    alpha=0.9, projection=True, optim=OPTIM, model_meta=_meta(dm=face_dm))
+    assert isinstance(module.projector, EmbeddingProjector)  # 16 -> 24 learned map
+    opt_params = {id(p) for g in module.parameter_groups() for p in g["params"]}
+    assert all(id(p) in opt_params for p in module.projector.parameters())
+    assert not any(id(p) in opt_params for p in teacher.parameters())
+    assert not any(k.startswith(("teacher", "_kdx_teacher")) for k in module.state_dict())
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+    x, y = next(iter(face_dm.train_dataloader()))
+
+    def emb_cos():
+        module.eval()
+        with torch.no_grad():
+            return float(module.distillation_losses({"embedding": module.embed(x)}, module.teacher_outputs(x), y)["emb_cos"])
+
+    start = emb_cos()
+    module.train()
+    trainer = _trainer(tmp_path, epochs=3, limit_val_batches=0)
+    trainer.fit(module, datamodule=face_dm)
+    assert emb_cos() < start * 0.7
+    assert "train/loss_emb_cos" in trainer.logged_metrics or "train/loss" in trainer.callback_metrics
+    assert not teacher.training
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, frozen[k])
+
+
+def test_dimension_mismatch_without_projection_is_an_error(face_dm):
+    with pytest.raises(ConfigError, match="distill.projection=true"):
+        FaceDistillationModule(_student(16), _torch_teacher(24), face_dm.num_classes, terms={"emb_cos": 1.0},
+                               projection=False, optim=OPTIM, model_meta=_meta())
+    # relational KD compares similarity matrices: no projection needed
+    module = FaceDistillationModule(_student(16), _torch_teacher(24), face_dm.num_classes, terms={"relational": 1.0},
+                                    projection=False, optim=OPTIM, model_meta=_meta())
+    assert isinstance(module.projector, torch.nn.Identity)
+
+
+def test_logit_kd_needs_a_teacher_with_the_same_identities(face_dm):
+    with pytest.raises(ConfigError, match="distill.terms has logit_kd.*no margin head"):
+        FaceDistillationModule(_student(16), _torch_teacher(16), face_dm.num_classes, terms={"logit_kd": 1.0},
+                               optim=OPTIM, model_meta=_meta())
+    head = build_margin_head(16, face_dm.num_classes)
+    with pytest.raises(ConfigError, match="identities differ"):
+        FaceDistillationModule(_student(16), _torch_teacher(16, head), face_dm.num_classes, terms={"logit_kd": 1.0},
+                               shared_identities=False, optim=OPTIM, model_meta=_meta())
+    module = FaceDistillationModule(_student(16), _torch_teacher(16, head, face_dm.class_names), face_dm.num_classes,
+                                    terms={"logit_kd": 1.0, "emb_cos": 1.0}, shared_identities=True, optim=OPTIM,
+                                    model_meta=_meta())
+    x, y = next(iter(face_dm.train_dataloader()))
+    module.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = module.training_step((x, y), 0)
+    assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="unknown face term"):
+        FaceDistillationModule(_student(16), _torch_teacher(16), face_dm.num_classes, terms={"kd": 1.0},
+                               optim=OPTIM, model_meta=_meta())
+
+
+def test_teacher_cache_keys_on_exact_inputs():
+    calls = []
+
+    def compute(x):
+        calls.append(x.shape[0])
+        return {"embedding": x.flatten(1)[:, :4] * 2}
+
+    cache = TeacherOutputCache()
+    x = torch.randn(3, 3, 4, 4)
+    first = cache(x, compute)
+    again = cache(x, compute)  # the very same views: no teacher call
+    torch.testing.assert_close(first["embedding"], again["embedding"])
+    flipped = cache(x.flip(-1), compute)  # another view of the same images: computed, never replayed
+    torch.testing.assert_close(flipped["embedding"], x.flip(-1).flatten(1)[:, :4] * 2)
+    assert calls == [3, 3] and cache.hits == 3 and cache.misses == 6
+    mixed = torch.stack([x[0], x[0] + 1e-3])  # a near-identical image is a different input
+    cache(mixed, compute)
+    assert calls[-1] == 1
+
+
+def _export(model, path, shape, dynamic_hw=False):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        axes = {"img": {0: "n", 2: "h", 3: "w"}} if dynamic_hw else {"img": {0: "n"}}
+        torch.onnx.export(model.eval(), (torch.rand(*shape),), str(path), dynamo=False, input_names=["img"],
+                          output_names=["emb"], dynamic_axes=axes)
+
+
+def test_onnx_teacher_whose_input_the_data_cannot_meet(face_dm, tmp_path):
+    four_channels = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    _export(four_channels, tmp_path / "rgba.onnx", (1, 4, 16, 16))
+    teacher = build_face_teacher({"onnx": str(tmp_path / "rgba.onnx")})
+    with pytest.raises(ConfigError, match="cannot take this data.*4-channel input"):
+        _probe_teacher(teacher, face_dm, {"onnx": "rgba.onnx"})
+    # a fixed-size linear layer behind dynamic H x W axes: the data's 24x24 images break it inside onnxruntime
+    fixed_fc = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, 2, 1), torch.nn.Flatten(), torch.nn.Linear(2 * 8 * 8, 8))
+    _export(fixed_fc, tmp_path / "fc.onnx", (1, 3, 16, 16), dynamic_hw=True)
+    teacher = build_face_teacher({"onnx": str(tmp_path / "fc.onnx")})
+    with pytest.raises(ConfigError, match=r"teacher.onnx .*fails on the data's \(3, 24, 24\) images.*preprocess.input_size"):
+        _probe_teacher(teacher, face_dm, {"onnx": "fc.onnx"})
+    fixed = build_face_teacher({"onnx": str(tmp_path / "fc.onnx"), "preprocess": {"input_size": [16, 16]}})
+    _probe_teacher(fixed, face_dm, {"onnx": "fc.onnx"})  # with its export size set, it runs
+    with pytest.raises(ConfigError, match="teacher.preprocess has unknown keys"):
+        build_face_teacher({"onnx": str(tmp_path / "fc.onnx"), "preprocess": {"size": 16}})
+    with pytest.raises(ConfigError, match="both set"):
+        build_face_teacher({"onnx": "sface", "ckpt": "x.ckpt"})
