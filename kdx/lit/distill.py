@@ -125,8 +125,8 @@ class DistillationModule(DistillationMixin, ClassifierModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        teacher_logits = self.teacher_forward(x)  # first: its buffers are freed before the student's graph is built
         student_logits = self.net(x)
-        teacher_logits = self.teacher_forward(x)
         own = self.supervised_losses(student_logits, y)
         distilled = self.distillation_losses({"logits": student_logits}, {"logits": teacher_logits}, y)
         return self.log_terms(self.mix_losses(own, distilled), batch_size=y.shape[0])
