@@ -22,11 +22,17 @@ data: $(STAMP)
 demo: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(VENV)/bin/kdx-pipeline experiment=fmnist
 
+demo-face: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/kdx-pipeline experiment=orl_faces
+
+# Two pytest workers on two cores: one torch thread each, or they fight over the cores.
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -n 2 --durations=15
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --durations=15
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -n 2 -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m "not slow"
 
 bench: $(STAMP)
 	$(PY) scripts/bench_distill.py
