@@ -91,12 +91,15 @@ def test_killed_run_resumes_from_last_checkpoint_and_same_wandb_run(tmp_path: Pa
             "trainer.log_every_n_steps=4", *QUIET]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "CI": "1"}
     proc = subprocess.Popen([str(BIN / "kdx-train"), *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # killed mid-training, right after its first epoch's checkpoint
+    # killed mid-training, right after its first epoch's checkpoint, with its whole process group (as a
+    # scheduler or a crash does): W&B's service process goes too and releases the run id
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     interrupted = json.loads((run_dir / "results.json").read_text())
     assert interrupted["status"] == "running", "the run finished before it could be killed"
