@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from conftest import compose_train
 from kdx.cli import CONFIG_DIR
 from kdx.errors import CheckpointError, ConfigError, ModelNotFoundError, RunExistsError
 from kdx.train import run_training
@@ -21,11 +22,6 @@ FAST = ["trainer.max_epochs=1", "trainer.progress_bar=none", "trainer.log_every_
 
 def is_pipeline(name):
     return "pipeline:" in (Path(CONFIG_DIR) / "experiment" / f"{name}.yaml").read_text()
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdx.lit.terms import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.models import find_head
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(LossTermsMixin, pl.LightningModule):
     """Cross-entropy training of `net` with top-1/top-5 accuracy; optional transfer-learning controls.
 
     Transfer learning: `freeze_backbone` trains only the classifier; `backbone_lr_scale` < 1 gives the
@@ -84,16 +85,6 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch
         terms = self.supervised_losses(self.net(x), y)
         return self.log_terms(terms, batch_size=y.shape[0])
-
-    def log_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """Sum the (already weighted) terms, log each as train/loss_<name> and the total as train/loss."""
-        total = sum(terms.values())
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
-        # sync_dist: the epoch mean of train/loss is over every rank's batches under DDP (a scalar all-reduce)
-        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size,
-                 sync_dist=True)
-        return total
 
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch

@@ -20,6 +20,7 @@ from torch import nn
 from kdx.errors import CheckpointError, ConfigError, DataError, KdxError
 from kdx.eval.verification import VerificationMetric, far_key
 from kdx.lit.distill import DistillationMixin, DistillTerm
+from kdx.lit.terms import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.losses import check_temperature
 from kdx.losses.face import embedding_cosine_loss, embedding_mse_loss, make_projector, relational_kd_loss
@@ -45,7 +46,7 @@ def build_margin_head(embedding_size: int, num_classes: int, kind: str = "arcfac
                               easy_margin=bool(easy_margin))
 
 
-class FaceModule(pl.LightningModule):
+class FaceModule(LossTermsMixin, pl.LightningModule):
     """An embedding network trained with a combined-margin softmax over the training identities.
 
     `net` maps B x C x H x W to B x D; batches of another size are resized to `input_size` first (so a small
@@ -89,15 +90,6 @@ class FaceModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         return self.log_terms(self.own_losses(self.embed(x), y), batch_size=y.shape[0])
-
-    def log_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """Sum the (already weighted) terms, log each as train/loss_<name> and the total as train/loss."""
-        total = sum(terms.values())
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size,
-                 sync_dist=True)
-        return total
 
     # ------------------------------------------------------------------ verification
     def _eval_step(self, batch, stage: str) -> None:
