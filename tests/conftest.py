@@ -17,9 +17,19 @@ CONF = REPO / "conf"
 BIN = Path(sys.executable).parent
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment of a console-script subprocess: offline, and with a W&B service of its own.
+
+    A test process that used W&B in-process exports WANDB_SERVICE; a child inheriting it would share that
+    service, which keeps a killed child's run id "in use" and breaks resuming it.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "HF_HUB_OFFLINE": "1", "CI": "1", **extra}
+
+
 def run_cli(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
     """Run `.venv/bin/<script> args` in `cwd`; the CompletedProcess (text stdout/stderr, never a prompt)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "CI": "1", **(env or {})}
+    full_env = cli_env(**(env or {}))
     return subprocess.run([str(BIN / script), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=timeout)
 

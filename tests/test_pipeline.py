@@ -1,16 +1,16 @@
 """kdx-pipeline end to end on a tiny folder of real JPEG files, as a user runs it."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import cli_env
 from image_files import write_class_folder
 
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+ENV = cli_env()
 
 
 def run_pipeline(tmp_path, *extra):

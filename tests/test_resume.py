@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, compose_train, run_cli
+from conftest import BIN, cli_env, compose_train, run_cli
 from kdx.errors import CheckpointError, RunExistsError
 from kdx.train import _merge_csv_parts, check_run_dir, run_training
 from kdx.trainer import AtomicCheckpointIO
@@ -89,7 +89,7 @@ def test_killed_run_resumes_from_last_checkpoint_and_same_wandb_run(tmp_path: Pa
     run_dir = tmp_path / "run"
     args = ["experiment=synthetic/teacher", "trainer.max_epochs=3", "data.train_size=1024", "logger=csv_wandb",
             "trainer.log_every_n_steps=4", *QUIET]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "CI": "1"}
+    env = cli_env(WANDB_MODE="offline")
     proc = subprocess.Popen([str(BIN / "kdx-train"), *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             start_new_session=True)

@@ -1,6 +1,5 @@
 """kdx-train as a user runs it: configs compose, runs write their outputs, bad input is refused by name."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import compose_train
+from conftest import cli_env, compose_train
 from kdx.cli import CONFIG_DIR
 from kdx.errors import CheckpointError, ConfigError, ModelNotFoundError, RunExistsError
 from kdx.train import run_training
@@ -100,7 +99,7 @@ def test_distillation_without_a_teacher_says_what_to_set(tmp_path):
 def test_cli_refuses_to_overwrite_a_finished_run(teacher_run):
     run_dir, _ = teacher_run
     before = (run_dir / "results.json").read_bytes(), (run_dir / "checkpoints" / "best.ckpt").stat().st_mtime
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = cli_env()
     proc = subprocess.run([BIN / "kdx-train", "experiment=synthetic/teacher", f"hydra.run.dir={run_dir}", *FAST],
                           capture_output=True, text=True, env=env, cwd=run_dir.parent)
     assert proc.returncode == 2
@@ -113,6 +112,6 @@ def test_cli_refuses_to_overwrite_a_finished_run(teacher_run):
 def test_cli_rejects_a_missing_data_folder_in_one_sentence(tmp_path):
     proc = subprocess.run([BIN / "kdx-train", "experiment=folder/student", f"data.root={tmp_path / 'missing'}",
                            "student.name=cnn_tiny", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, cwd=tmp_path, env=cli_env())
     assert proc.returncode == 2
     assert f"data folder {tmp_path / 'missing'} does not exist" in proc.stderr and "Traceback" not in proc.stderr
