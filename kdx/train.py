@@ -5,7 +5,9 @@ all run the same code.
 """
 from __future__ import annotations
 
-import logging
+import csv
+import io
+import os
 import sys
 import time
 import traceback
@@ -20,13 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 import kdx
 from kdx.checkpoints import load_network
 from kdx.errors import CheckpointError, ConfigError, KdxError, RunExistsError
-from kdx.io import RESULTS_FILE, config_hash, read_results, write_json
+from kdx.io import RESULTS_FILE, atomic_write_text, config_hash, read_results, write_json
 from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule, check_alpha
 from kdx.losses import check_temperature
 from kdx.models import build_model, find_head
 from kdx.trainer import build_trainer
 
-log = logging.getLogger("kdx")
 TASKS = ("supervised", "transfer", "distill", "probe", "face", "face_distill")
 
 
@@ -218,7 +219,6 @@ def _keep_csv_rows(run_dir: Path) -> None:
 
 def _merge_csv_parts(run_dir: Path) -> None:
     """Join metrics.part-*.csv and metrics.csv into one metrics.csv (union of columns, rows in order)."""
-    import csv
 
     parts = sorted(run_dir.glob("metrics.part-*.csv"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     if not parts:
@@ -230,8 +230,6 @@ def _merge_csv_parts(run_dir: Path) -> None:
             reader = csv.DictReader(f)
             columns += [c for c in reader.fieldnames or [] if c not in columns]
             rows += list(reader)
-    from kdx.io import atomic_write_text
-    import io
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
@@ -244,8 +242,6 @@ def _merge_csv_parts(run_dir: Path) -> None:
 
 def _is_global_zero_process() -> bool:
     """True in the process that owns the run folder (rank 0 of node 0), judged from the launch environment."""
-    import os
-
     for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
         if os.environ.get(key, "0") not in ("0", ""):
             return False
@@ -259,8 +255,6 @@ def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | No
     A re-run of a finished run returns its results without training (see `check_run_dir`); on ranks > 0 of a
     DDP run the returned results are not written to disk. In a multirun, a DDP job runs in its own process tree.
     """
-    import os
-
     from kdx.sweep import RESUME_CKPT_ENV, needs_isolated_ddp, run_ddp_worker
 
     run_dir = Path(run_dir).resolve()
