@@ -48,17 +48,57 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
              temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0) -> torch.Tensor:
     """Decoupled KD (Zhao et al. 2022): alpha * TCKD + beta * NCKD, each T^2-scaled and batch-averaged.
 
-    TCKD compares the binary (target, rest) probabilities; NCKD compares the distributions over the
-    non-target classes, with the target class masked out.
+    TCKD is the KL divergence between the binary (target, all others) probabilities of teacher and student;
+    NCKD the KL divergence between their distributions over the non-target classes alone. Both bins are
+    computed in log space (log p_target = z_y - logsumexp z), so TCKD and its gradient stay exact however
+    far the target logit is from the others.
     """
     T = check_temperature(temperature)
     s, t = student_logits.float() / T, teacher_logits.float() / T
-    gt = F.one_hot(target, s.shape[-1]).bool()
-    p_s, p_t = F.softmax(s, -1), F.softmax(t, -1)
-    b_s = torch.stack([(p_s * gt).sum(-1), (p_s * ~gt).sum(-1)], -1).clamp_min(1e-12)
-    b_t = torch.stack([(p_t * gt).sum(-1), (p_t * ~gt).sum(-1)], -1).clamp_min(1e-12)
-    tckd = (b_t * (b_t.log() - b_s.log())).sum(-1).mean()
-    masked_s = F.log_softmax(s.masked_fill(gt, -1e9), -1)
-    masked_t = F.log_softmax(t.masked_fill(gt, -1e9), -1)
-    nckd = (masked_t.exp() * (masked_t - masked_s)).masked_fill(gt, 0).sum(-1).mean()
+    if s.shape != t.shape or s.ndim != 2 or s.shape[1] < 2:
+        raise ValueError(f"dkd_loss needs student and teacher logits of one shape B x C with C >= 2, "
+                         f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    gt = F.one_hot(target.long(), s.shape[-1]).bool()
+
+    def bins(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log binary probabilities [target, rest], log-softmax over the non-target classes)."""
+        log_all = torch.logsumexp(z, dim=-1, keepdim=True)
+        rest = z.masked_fill(gt, float("-inf"))
+        log_rest = torch.logsumexp(rest, dim=-1, keepdim=True)
+        log_target = z.gather(-1, target.long().unsqueeze(-1))
+        return torch.cat([log_target, log_rest], -1) - log_all, rest - log_rest
+
+    bin_s, part_s = bins(s)
+    bin_t, part_t = bins(t)
+    tckd = (bin_t.exp() * (bin_t - bin_s)).sum(-1).mean()
+    p_t = part_t.exp()  # exactly 0 at the target class, whose log-probabilities are -inf: zero them first
+    nckd = (p_t * (part_t.masked_fill(gt, 0.0) - part_s.masked_fill(gt, 0.0))).sum(-1).mean()
     return (alpha * tckd + beta * nckd) * T * T
+
+
+def logit_standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Sun et al. 2024: z-score each row of logits, (z - mean) / (eps + std), std with Bessel's correction."""
+    z = logits.float()
+    return (z - z.mean(-1, keepdim=True)) / (eps + z.std(-1, keepdim=True))
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of `a` with the same row of `b`."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 1.0, gamma: float = 1.0,
+              temperature: float = 1.0) -> torch.Tensor:
+    """DIST (Huang et al. 2022): T^2 * (beta * inter-class + gamma * intra-class) relation loss.
+
+    With p = softmax(z / T): inter = 1 - mean over samples of the Pearson correlation of student and teacher
+    rows; intra = the same over classes (columns), so the ranking within a class across the batch is kept.
+    """
+    T = check_temperature(temperature)
+    p_s = F.softmax(student_logits.float() / T, dim=1)
+    p_t = F.softmax(teacher_logits.float() / T, dim=1)
+    inter = 1.0 - _pearson_rows(p_s, p_t).mean()
+    intra = 1.0 - _pearson_rows(p_s.t(), p_t.t()).mean()
+    return T * T * (beta * inter + gamma * intra)

@@ -30,6 +30,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """A 3-stage ResNet of depth 6n+2 with stage widths `widths` (stem width first)."""
 
+    feature_stages = ("layer1", "layer2", "layer3")  # module paths of the stage outputs (feature taps)
+
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 10,
                  in_chans: int = 3) -> None:
         super().__init__()

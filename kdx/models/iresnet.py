@@ -54,6 +54,8 @@ class IBasicBlock(nn.Module):
 class IResNet(nn.Module):
     """IResNet backbone + embedding head; `forward` returns B x embedding_size."""
 
+    feature_stages = ("layer1", "layer2", "layer3", "layer4")  # stage outputs (feature taps)
+
     def __init__(self, layers: Sequence[int], embedding_size: int = 512, in_chans: int = 3,
                  input_size: int | Sequence[int] = 112, dropout: float = 0.0, widths=(64, 128, 256, 512)):
         super().__init__()

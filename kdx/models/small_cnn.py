@@ -20,6 +20,7 @@ class SmallCNN(nn.Module):
             layers += [_conv_bn(cin, w), _conv_bn(w, w), nn.MaxPool2d(2)]
             cin = w
         self.features = nn.Sequential(*layers)
+        self.feature_stages = tuple(f"features.{3 * i + 2}" for i in range(len(widths)))  # after each pooling
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.neck = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(inplace=True)) if hidden else nn.Identity()
         self.num_features = hidden or cin

@@ -31,6 +31,8 @@ class PreActBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-widen: 3 stages of (depth-4)/6 blocks, widths 16k, 32k, 64k."""
 
+    feature_stages = ("block1", "block2", "block3")  # module paths of the stage outputs (feature taps)
+
     def __init__(self, depth: int, widen: int, num_classes: int = 10, in_chans: int = 3,
                  drop_rate: float = 0.0) -> None:
         super().__init__()

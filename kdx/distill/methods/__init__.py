@@ -1,0 +1,1 @@
+"""One file per distillation method; each registers itself with @register_distiller."""
