@@ -24,7 +24,7 @@ from kdx.checkpoints import load_network
 from kdx.errors import CheckpointError, ConfigError, KdxError, RunExistsError
 from kdx.io import RESULTS_FILE, atomic_write_text, config_hash, read_results, write_json
 from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule, check_alpha
-from kdx.losses import check_temperature
+from kdx.distill import build_distiller_set, split_distill_config
 from kdx.models import build_model, find_head
 from kdx.trainer import build_trainer
 
@@ -46,8 +46,8 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.task.get("network") not in ("teacher", "student"):
         raise ConfigError(f"task.network must be 'teacher' or 'student', got {cfg.task.get('network')!r}")
     if task in ("distill", "face_distill"):
-        check_temperature(cfg.distill.temperature)
-        check_alpha(cfg.distill.alpha)
+        check_alpha(cfg.distill.get("alpha", 0.9))
+        split_distill_config(to_dict(cfg.distill))  # unknown methods and misplaced keys, named, before any work
         if task == "face_distill":
             if not cfg.teacher.get("ckpt") and not cfg.teacher.get("pretrained") and not cfg.teacher.get("onnx"):
                 raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding "
@@ -108,15 +108,35 @@ def build_module(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict[str, int
                   backbone_lr_scale=float(task.get("backbone_lr_scale", 1.0)),
                   l2sp_weight=float(task.get("l2sp_weight", 0.0)))
     if task.name == "distill":
+        distill = to_dict(cfg.distill)
+        host = {k: distill.pop(k) for k in ("alpha", "save_teacher", "cache_teacher", "teacher_cache") if k in distill}
+        distillers = build_distiller_set(distill, task="classification")
+        enable_sample_indices(dm, distillers)
         teacher, _ = build_network(cfg.teacher, num_classes, in_chans)
-        module = DistillationModule(net, teacher, num_classes, temperature=cfg.distill.temperature,
-                                    alpha=cfg.distill.alpha, terms=to_dict(cfg.distill.terms),
-                                    save_teacher=bool(cfg.distill.get("save_teacher", False)), **common)
+        module = DistillationModule(net, teacher, num_classes, distill=distillers, alpha=host.get("alpha", 0.9),
+                                    save_teacher=bool(host.get("save_teacher", False)),
+                                    example_input=example_images(dm), num_samples=len(dm.train_set), **common)
         module.channels_last = bool(cfg.trainer.get("channels_last", False))
         return module, {"network": count_parameters(net), "teacher": count_parameters(teacher)}
     module = ClassifierModule(net, num_classes, **common)
     module.channels_last = bool(cfg.trainer.get("channels_last", False))
     return module, {"network": count_parameters(net)}
+
+
+def example_images(dm, n: int = 2) -> torch.Tensor:
+    """The first `n` training images, stacked (a probe batch for sizing distillers' connectors)."""
+    return torch.stack([dm.train_set[i][0] for i in range(min(n, len(dm.train_set)))])
+
+
+def enable_sample_indices(dm, distillers) -> None:
+    """Make the datamodule yield (images, labels, indices) when a method keeps per-sample state (CRD)."""
+    if "indices" not in distillers.needs:
+        return
+    if not hasattr(dm, "train_indices"):
+        users = [n for n, d in distillers.methods.items() if "indices" in d.needs]
+        raise ConfigError(f"distillation method {users[0]!r} needs sample indices, but {type(dm).__name__} gives none; "
+                          "use a kdx datamodule (kdx.data.KdxDataModule) or another method")
+    dm.train_indices = True
 
 
 def hparams_summary(cfg: DictConfig) -> dict[str, Any]:
@@ -125,8 +145,12 @@ def hparams_summary(cfg: DictConfig) -> dict[str, Any]:
                "teacher": cfg.teacher.get("name"), "student": cfg.student.get("name"), "seed": cfg.seed,
                "data": cfg.data.get("name")}
     if cfg.task.name in ("distill", "face_distill"):
-        summary.update(temperature=float(cfg.distill.temperature), alpha=float(cfg.distill.alpha),
-                       terms=to_dict(cfg.distill.terms))
+        distill = to_dict(cfg.distill)
+        summary.update(method=distill.get("method"), alpha=float(distill.get("alpha", 0.9)),
+                       mix=sorted(distill.get("mix") or {}))
+        for key in ("temperature", "beta"):  # the hyper-parameters sweeps vary most, as report columns
+            if distill.get(key) is not None:
+                summary[key] = float(distill[key])
     return summary
 
 

@@ -43,7 +43,8 @@ def test_student_learns_above_chance_in_a_few_steps(data):
 def test_distillation_keeps_the_teacher_frozen_in_eval_mode_and_out_of_checkpoints(data, teacher, tmp_path):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = build_model("cnn_tiny", 4, in_chans=3)
-    module = DistillationModule(student, teacher, 4, temperature=4.0, alpha=0.9, optim=OPTIM)
+    module = DistillationModule(student, teacher, 4, distill={"method": "kd", "temperature": 4.0}, alpha=0.9,
+                                optim=OPTIM)
     trainer, metrics = fit(module, data, epochs=2)
     assert metrics["test/acc1"] > 0.6
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -63,16 +64,40 @@ def test_save_teacher_puts_its_weights_in_the_checkpoint(data, teacher, tmp_path
     assert "teacher_state_dict" in torch.load(tmp_path / "s.ckpt", weights_only=False)
 
 
-def test_total_loss_is_alpha_kd_plus_one_minus_alpha_ce(data, teacher):
+def _dkd_by_hand(s, t, y, T, a, b):
+    """DKD from its definition in float64: binary target/rest KL and non-target KL, times T^2."""
+    s, t = s.double() / T, t.double() / T
+    total = 0.0
+    for i in range(s.shape[0]):
+        ps, pt = torch.softmax(s[i], 0), torch.softmax(t[i], 0)
+        bs, bt = torch.stack([ps[y[i]], 1 - ps[y[i]]]), torch.stack([pt[y[i]], 1 - pt[y[i]]])
+        keep = torch.arange(s.shape[1]) != y[i]
+        qs, qt = torch.softmax(s[i][keep], 0), torch.softmax(t[i][keep], 0)
+        total += a * (bt * (bt / bs).log()).sum() + b * (qt * (qt / qs).log()).sum()
+    return total / s.shape[0] * T * T
+
+
+def test_training_step_returns_the_formula_of_student_and_teacher_outputs(data, teacher):
+    """The host's own training_step, on a real batch, against the loss computed by hand from both outputs."""
     torch.manual_seed(0)
-    student = build_model("cnn_tiny", 4, in_chans=3).eval()
-    module = DistillationModule(student, teacher, 4, temperature=3.0, alpha=0.7, terms={"kd": 1.0, "mse": 0.5})
-    x, y = next(iter(data.val_dataloader()))
-    s, t = student(x), teacher.eval()(x)
-    terms = module.mix_losses(module.supervised_losses(s, y), module.distillation_losses({"logits": s}, {"logits": t}, y))
-    assert set(terms) == {"ce", "kd", "mse"}
-    expected = 0.7 * (kd_loss(s, t, 3.0) + 0.5 * F.mse_loss(s, t)) + 0.3 * F.cross_entropy(s, y)
-    assert sum(terms.values()).item() == pytest.approx(expected.item(), rel=1e-5)
+    student = build_model("cnn_tiny", 4, in_chans=3)
+    distill = {"method": "dkd", "temperature": 3.0, "tckd_weight": 0.7, "beta": 5.0,
+               "mix": {"kd": {"weight": 0.25, "temperature": 2.0}}}
+    module = DistillationModule(student, teacher, 4, distill=distill, alpha=0.6, optim=OPTIM, label_smoothing=0.1)
+    module.eval()  # no BN update between the step and the hand computation
+    module.log = lambda *a, **k: None
+    x, y = next(iter(data.train_dataloader()))
+    loss = module.training_step((x, y), 0)
+    s, t = student(x).detach(), teacher(x)
+    p_t = torch.softmax(t.double() / 2.0, 1)
+    kd = 4.0 * (p_t * (p_t.log() - torch.log_softmax(s.double() / 2.0, 1))).sum(1).mean()
+    ce = F.cross_entropy(s.double(), y, label_smoothing=0.1)
+    expected = 0.4 * ce + 0.6 * (_dkd_by_hand(s, t, y, 3.0, 0.7, 5.0) + 0.25 * kd)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.requires_grad
+    # swapping student and teacher (reverse KL) gives another value: the direction is checked
+    swapped = 0.4 * ce + 0.6 * (_dkd_by_hand(t, s, y, 3.0, 0.7, 5.0) + 0.25 * kd)
+    assert abs(swapped.item() - expected.item()) > 1e-3
 
 
 def test_alpha_one_drops_the_hard_label_term(data, teacher):
@@ -81,6 +106,18 @@ def test_alpha_one_drops_the_hard_label_term(data, teacher):
     s = module.net(x)
     terms = module.mix_losses(module.supervised_losses(s, y), {"kd": s.sum() * 0})
     assert set(terms) == {"kd"}
+
+
+def test_l2sp_is_not_scaled_by_alpha_in_distillation(data, teacher):
+    """L2-SP is a regulariser: it keeps its own weight whatever share alpha gives the labels."""
+    module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4, alpha=0.75, l2sp_weight=0.5)
+    with torch.no_grad():
+        for p in module.net.parameters():
+            p.add_(0.01)
+    x, y = next(iter(data.val_dataloader()))
+    terms = module.mix_losses(module.supervised_losses(module.net(x), y), {})
+    assert terms["l2sp"].item() == pytest.approx(0.5 * module.regularisation().item(), rel=1e-6)
+    assert terms["ce"].item() == pytest.approx(0.25 * F.cross_entropy(module.net(x), y).item(), rel=1e-5)
 
 
 def test_transfer_frozen_backbone_trains_only_the_head(data):

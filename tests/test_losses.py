@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kdx.errors import ConfigError
-from kdx.losses import bce_soft_loss, dkd_loss, kd_loss, logit_mse_loss
+from kdx.losses import bce_soft_loss, dist_loss, dkd_loss, kd_loss, logit_mse_loss, logit_standardize
 
 
 def softmax(values, T):
@@ -50,15 +50,103 @@ def test_bce_soft_loss_uses_sigmoid_of_tempered_teacher_logits_as_targets():
     assert got.item() == pytest.approx(expected / 2, rel=1e-6)
 
 
-def test_dkd_tckd_term_by_hand_and_zero_for_identical_logits():
-    s, t, y, T = [1.0, 0.0, -1.0], [2.0, 1.0, 0.0], 0, 1.0
-    p_s, p_t = softmax(s, T), softmax(t, T)
-    b_s, b_t = [p_s[0], 1 - p_s[0]], [p_t[0], 1 - p_t[0]]
-    tckd = sum(bt * math.log(bt / bs) for bt, bs in zip(b_t, b_s))
-    got = dkd_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([y]), T, alpha=1.0, beta=0.0)
-    assert got.item() == pytest.approx(tckd, rel=1e-5)
+def _log_softmax(values):
+    m = max(values)
+    lse = m + math.log(sum(math.exp(v - m) for v in values))
+    return [v - lse for v in values]
+
+
+def _logaddexp(values):
+    m = max(values)
+    return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+def dkd_by_hand(s, t, y, T, alpha, beta):
+    """DKD of one sample from the paper's definition, in plain Python log-space arithmetic."""
+    s, t = [v / T for v in s], [v / T for v in t]
+    ls, lt = _log_softmax(s), _log_softmax(t)
+    others = [i for i in range(len(s)) if i != y]
+    # binary (target, rest) log-probabilities
+    bs = [ls[y], _logaddexp([ls[i] for i in others])]
+    bt = [lt[y], _logaddexp([lt[i] for i in others])]
+    tckd = sum(math.exp(b_t) * (b_t - b_s) for b_t, b_s in zip(bt, bs))
+    qs, qt = _log_softmax([s[i] for i in others]), _log_softmax([t[i] for i in others])
+    nckd = sum(math.exp(q_t) * (q_t - q_s) for q_t, q_s in zip(qt, qs))
+    return (alpha * tckd + beta * nckd) * T * T
+
+
+def test_dkd_matches_the_papers_definition_on_random_logits_with_real_gaps():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 7, generator=g) * 3, torch.randn(6, 7, generator=g) * 5 + 1
+    y = torch.tensor([0, 6, 2, 2, 5, 1])
+    T, alpha, beta = 3.0, 0.7, 5.0
+    expected = sum(dkd_by_hand(s[i].tolist(), t[i].tolist(), int(y[i]), T, alpha, beta) for i in range(6)) / 6
+    assert dkd_loss(s, t, y, T, alpha=alpha, beta=beta).item() == pytest.approx(expected, rel=1e-5)
+    # each part alone: swapping alpha and beta, dropping T^2 or swapping the KL would all change these
+    tckd = sum(dkd_by_hand(s[i].tolist(), t[i].tolist(), int(y[i]), T, 1.0, 0.0) for i in range(6)) / 6
+    nckd = sum(dkd_by_hand(s[i].tolist(), t[i].tolist(), int(y[i]), T, 0.0, 1.0) for i in range(6)) / 6
+    assert dkd_loss(s, t, y, T, alpha=1.0, beta=0.0).item() == pytest.approx(tckd, rel=1e-5)
+    assert dkd_loss(s, t, y, T, alpha=0.0, beta=1.0).item() == pytest.approx(nckd, rel=1e-5)
+    assert abs(tckd - nckd) > 0.05 and dkd_loss(t, s, y, T, alpha, beta).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_dkd_stays_exact_with_a_huge_logit_gap():
+    """A student whose target probability is far below 1e-12: TCKD and its gradient must stay exact."""
+    s = torch.tensor([[-200.0, 0.0, 5.0, -3.0]], requires_grad=True)
+    t = torch.tensor([[10.0, 1.0, 0.0, -2.0]])
+    y = torch.tensor([0])
+    T = 2.0
+    loss = dkd_loss(s, t, y, T, alpha=1.0, beta=0.0)
+    expected = dkd_by_hand(s[0].tolist(), t[0].tolist(), 0, T, 1.0, 0.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)  # ~ 400: a clamped log would stop near 27.6 * T^2
+    loss.backward()
+    assert s.grad[0, 0].item() < -1.0  # the target logit is pushed up, not frozen by a clamp
+
+
+def test_dkd_ties_and_identical_logits_give_zero():
     x = torch.randn(3, 6)
     assert dkd_loss(x, x, torch.tensor([0, 1, 2]), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    tied = torch.zeros(2, 5)
+    assert dkd_loss(tied, tied + 3.0, torch.tensor([1, 4]), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dkd_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"one shape B x C.*\(2, 5\) and \(2, 4\)"):
+        dkd_loss(torch.zeros(2, 5), torch.zeros(2, 4), torch.tensor([0, 1]))
+
+
+def test_logit_standardize_is_the_z_score_with_bessel_correction():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 9, generator=g) * 7 + 3
+    rows = z.tolist()
+    for i, row in enumerate(rows):
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        for j, v in enumerate(row):
+            assert logit_standardize(z)[i, j].item() == pytest.approx((v - mean) / (1e-7 + std), rel=1e-5, abs=1e-6)
+    # invariant to shifting and scaling a row: what makes it useful across teachers of different logit ranges
+    assert torch.allclose(logit_standardize(z * 5 + 2), logit_standardize(z), atol=1e-5)
+
+
+def _pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    return num / (math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((y - mb) ** 2 for y in b)))
+
+
+def test_dist_loss_matches_pearson_relations_by_hand():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 6, generator=g) * 2, torch.randn(5, 6, generator=g) * 4
+    T, beta, gamma = 3.0, 1.5, 0.5
+    ps = [softmax(r, T) for r in s.tolist()]
+    pt = [softmax(r, T) for r in t.tolist()]
+    inter = 1 - sum(_pearson(a, b) for a, b in zip(ps, pt)) / 5
+    cols_s = [[r[j] for r in ps] for j in range(6)]
+    cols_t = [[r[j] for r in pt] for j in range(6)]
+    intra = 1 - sum(_pearson(a, b) for a, b in zip(cols_s, cols_t)) / 6
+    expected = T * T * (beta * inter + gamma * intra)
+    assert dist_loss(s, t, beta=beta, gamma=gamma, temperature=T).item() == pytest.approx(expected, rel=1e-5)
+    assert dist_loss(t, t, temperature=T).item() == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, "4"])

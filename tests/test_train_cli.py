@@ -56,7 +56,7 @@ def test_a_run_writes_config_checkpoints_metrics_and_results(teacher_run):
 
 def test_distill_from_the_teacher_checkpoint_logs_each_term(teacher_run, tmp_path):
     ckpt = teacher_run[1]["checkpoints"]["best"]
-    cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={ckpt}", "distill.terms.mse=0.5", *FAST])
+    cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={ckpt}", "+distill.mix.mse.weight=0.5", *FAST])
     results = run_training(cfg, tmp_path)
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert {"train/loss_kd", "train/loss_mse", "train/loss_ce", "train/loss_step"} <= set(header.split(","))

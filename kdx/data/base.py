@@ -7,6 +7,20 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 
+class WithIndex(Dataset):
+    """A dataset whose items carry their index: (image, label, index), for methods that keep per-sample state."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return (*item, i) if isinstance(item, tuple) else (item, i)
+
+
 class KdxDataModule(pl.LightningDataModule):
     """A LightningDataModule that exposes `num_classes`, `in_chans`, `image_size` and `class_names`."""
 
@@ -24,6 +38,7 @@ class KdxDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.train_indices = False  # True: training batches are (images, labels, sample indices)
 
     @property
     def num_classes(self) -> int:
@@ -33,6 +48,8 @@ class KdxDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for loaders")
+        if train and self.train_indices:
+            dataset = WithIndex(dataset)
         kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train, drop_last=train and len(dataset) > self.batch_size,

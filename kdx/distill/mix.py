@@ -106,5 +106,5 @@ def build_distiller_set(cfg: Mapping[str, Any], task: str = "classification") ->
         if task not in cls.tasks:
             raise ConfigError(f"distillation method {name!r} is for {', '.join(sorted(cls.tasks))} tasks, not {task}; "
                               f"choose another distill.method")
-        built.append((name, weight, build_distiller(name, params, key=key)))
+        built.append((cls.name, weight, build_distiller(name, params, key=key)))
     return DistillerSet(built)

@@ -163,7 +163,9 @@ def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_
     }
     kd = next((c for c in stage_cfgs.values() if c.task.name == "face_distill"), None)
     if kd is not None:
-        extra.update(distill_terms=to_dict(kd.distill.terms), alpha=float(kd.distill.alpha))
+        distill = to_dict(kd.distill)
+        extra.update(distill_method=distill.get("method"), distill_mix=sorted(distill.get("mix") or {}),
+                     alpha=float(distill.get("alpha", 0.5)))
     columns = face_columns(int(opts.get("throughput_batch", 64)), far_targets)
     paths = write_comparison(rows, run_dir, title, extra, columns=columns, metric="verif_acc",
                              metric_label="verification accuracy")

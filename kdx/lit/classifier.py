@@ -35,7 +35,7 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
         self.l2sp_weight = float(l2sp_weight)
         self.model_meta = dict(model_meta or {})
         self.head_path = find_head(net)[0]
-        self.save_hyperparameters(ignore=["net", "teacher"])
+        self.save_hyperparameters(ignore=["net", "teacher", "distill", "example_input"])
         if self.freeze_backbone:
             for name, p in self.net.named_parameters():
                 p.requires_grad_(name.startswith(self.head_path + "."))
@@ -82,7 +82,7 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
         return terms
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]
         terms = self.supervised_losses(self.net(x), y)
         return self.log_terms(terms, batch_size=y.shape[0])
 

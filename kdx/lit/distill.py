@@ -2,30 +2,22 @@
 
 The teacher is held outside the module's registered children: it is moved with the module, kept in eval
 mode, run under no_grad, never handed to the optimizer, never wrapped by DDP (nothing to synchronise),
-and left out of checkpoints unless `save_teacher` is set.
+and left out of checkpoints unless `save_teacher` is set. The distillers (kdx.distill) are registered
+children: their trainable parts are optimised with the student and their state is checkpointed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from kdx.distill import DistillBatch, DistillerSet, LayerTaps, build_distiller_set
 from kdx.errors import ConfigError
 from kdx.lit.classifier import ClassifierModule
-from kdx.losses import LOGIT_LOSSES, check_temperature, dkd_loss
+from kdx.models import find_head
 
-TermFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class DistillTerm:
-    """One named distillation loss: `weight * fn(student_outputs, teacher_outputs, target)`."""
-
-    name: str
-    weight: float
-    fn: TermFn
+Outputs = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
 def check_alpha(alpha: float) -> float:
@@ -35,37 +27,33 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def logit_terms(weights: Mapping[str, float], temperature: float) -> list[DistillTerm]:
-    """DistillTerms on `logits` for names in LOGIT_LOSSES (kd, mse, bce) and dkd, with their weights."""
-    temperature = check_temperature(temperature)
-    terms = []
-    for name, weight in weights.items():
-        if name == "dkd":
-            fn = lambda s, t, y: dkd_loss(s["logits"], t["logits"], y, temperature)  # noqa: E731
-        elif name in LOGIT_LOSSES:
-            fn = lambda s, t, y, f=LOGIT_LOSSES[name]: f(s["logits"], t["logits"], temperature)  # noqa: E731
-        else:
-            raise ConfigError(f"distill.terms has unknown term {name!r}; choose from {sorted([*LOGIT_LOSSES, 'dkd'])}")
-        terms.append(DistillTerm(name, float(weight), fn))
-    return terms
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(images, labels, sample indices or None) of a training batch of 2 or 3 items."""
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    return batch[0], batch[1], None
 
 
 class DistillationMixin:
-    """Adds a frozen teacher and weighted distillation terms to a LightningModule.
+    """Adds a frozen teacher and a set of weighted distillers to a LightningModule.
 
-    Total loss = alpha * sum_i w_i * term_i + (1 - alpha) * hard-label loss (+ unscaled regularisers).
+    Total loss = alpha * sum_m weight_m * loss_m + (1 - alpha) * hard-label loss (+ unscaled regularisers).
     """
 
     _kdx_teacher: nn.Module | None = None
+    _student_taps: LayerTaps | None = None
+    _teacher_taps: LayerTaps | None = None
 
-    def configure_distillation(self, teacher: nn.Module, terms: Sequence[DistillTerm], alpha: float = 0.9,
-                               save_teacher: bool = False) -> None:
-        """Freeze and attach `teacher`; set the terms and alpha."""
+    def configure_distillation(self, teacher: nn.Module, distillers: DistillerSet | Mapping[str, Any],
+                               alpha: float = 0.9, save_teacher: bool = False, task: str = "classification") -> None:
+        """Freeze and attach `teacher`; register the distillers (a DistillerSet or a `distill` config section)."""
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         object.__setattr__(self, "_kdx_teacher", teacher)  # deliberately not a registered submodule
-        self.distill_terms = list(terms)
+        if not isinstance(distillers, DistillerSet):
+            distillers = build_distiller_set(distillers, task=task)
+        self.distillers = distillers
         self.distill_alpha = check_alpha(alpha)
         self.save_teacher = bool(save_teacher)
 
@@ -89,11 +77,62 @@ class DistillationMixin:
             self.teacher.eval()
         return self.teacher(x)
 
-    def distillation_losses(self, student_out: Mapping[str, torch.Tensor], teacher_out: Mapping[str, torch.Tensor],
-                            target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each term times its weight times alpha, by name."""
-        return {t.name: self.distill_alpha * t.weight * t.fn(student_out, teacher_out, target)
-                for t in self.distill_terms if t.weight != 0}
+    def attach_taps(self, student: nn.Module, teacher: nn.Module | None, student_embedding_input: str | None = None,
+                    teacher_embedding_input: str | None = None) -> None:
+        """Hook the layers the distillers read; `*_embedding_input` names a module whose input is the embedding."""
+        self.distillers.bind(student, teacher)
+        wants_embedding = "embedding" in self.distillers.needs
+        s_inputs = [student_embedding_input] if wants_embedding and student_embedding_input else []
+        t_inputs = [teacher_embedding_input] if wants_embedding and teacher_embedding_input else []
+        teacher_layers = self.distillers.teacher_layers()
+        if teacher is None and teacher_layers:
+            raise ConfigError(f"distill.method reads teacher layers {teacher_layers}, but this teacher has no "
+                              "inspectable layers (an ONNX model); choose a method on outputs only, or a torch teacher")
+        self._student_taps = LayerTaps(student, self.distillers.student_layers(), s_inputs, role="student")
+        self._teacher_taps = LayerTaps(teacher, teacher_layers, t_inputs, role="teacher") if teacher is not None \
+            else LayerTaps(nn.Identity())
+        self._embedding_inputs = (student_embedding_input, teacher_embedding_input)
+
+    def distill_batch(self, x: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor | None,
+                      student_fn: Outputs, teacher_fn: Outputs) -> DistillBatch:
+        """Run teacher (first, without a graph) and student on `x`; everything the distillers read, as one dict."""
+        batch: DistillBatch = {"images": x, "epoch": int(self.current_epoch) if self._trainer is not None else 0,
+                               "max_epochs": int(self.trainer.max_epochs or 0) if self._trainer is not None else 0}
+        if labels is not None:
+            batch["labels"] = labels
+        if indices is not None:
+            batch["indices"] = indices
+        for role, taps, fn in (("teacher", self._teacher_taps, teacher_fn), ("student", self._student_taps, student_fn)):
+            with torch.set_grad_enabled(role == "student" and torch.is_grad_enabled()), taps.recording():
+                outputs = dict(fn(x))
+            features, inputs = taps.take()
+            path = self._embedding_inputs[0 if role == "student" else 1]
+            if path in inputs and "embedding" not in outputs:
+                outputs["embedding"] = inputs[path].flatten(1)
+            for name, value in outputs.items():
+                batch[f"{role}_{name}"] = value
+            batch[f"{role}_features"] = features
+        return batch
+
+    @torch.no_grad()
+    def setup_distillers(self, example_input: torch.Tensor, student_fn: Outputs, teacher_fn: Outputs,
+                         num_samples: int | None = None, num_classes: int | None = None) -> None:
+        """Let the distillers build their trainable parts from one probe batch (student in eval mode)."""
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            n = example_input.shape[0]
+            probe = self.distill_batch(example_input, torch.zeros(n, dtype=torch.long), torch.arange(n),
+                                       student_fn, teacher_fn)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        probe["num_classes"] = num_classes
+        self.distillers.setup(probe, num_samples=num_samples)
+
+    def distillation_losses(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        """Every distiller's terms times its weight times alpha, by name."""
+        return {name: self.distill_alpha * value for name, value in self.distillers(batch).items()}
 
     def mix_losses(self, own: dict[str, torch.Tensor], distilled: dict[str, torch.Tensor],
                    hard_keys: Sequence[str] = ("ce",)) -> dict[str, torch.Tensor]:
@@ -102,7 +141,7 @@ class DistillationMixin:
         mixed = {k: (v * scale if k in hard_keys else v) for k, v in own.items() if not (k in hard_keys and scale == 0)}
         clash = set(mixed) & set(distilled)
         if clash:
-            raise ConfigError(f"distill.terms names {sorted(clash)} clash with the student's own loss terms")
+            raise ConfigError(f"distillation terms {sorted(clash)} clash with the student's own loss terms")
         return {**mixed, **distilled}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -112,21 +151,43 @@ class DistillationMixin:
 
 
 class DistillationModule(DistillationMixin, ClassifierModule):
-    """A classifier student trained on a frozen teacher's logits plus the labels."""
+    """A classifier student trained on the labels and on what a frozen teacher says (any registered method).
 
-    def __init__(self, net: nn.Module, teacher: nn.Module, num_classes: int, temperature: float = 4.0,
-                 alpha: float = 0.9, terms: Mapping[str, float] | None = None, save_teacher: bool = False,
-                 **classifier_kwargs: Any) -> None:
+    `distill` is a DistillerSet or a `distill` config section, e.g. {"method": "dkd", "beta": 8.0}.
+    `example_input` (a few training images) lets feature methods size their connectors; `num_samples`
+    (the training-set size) sizes memory banks.
+    """
+
+    def __init__(self, net: nn.Module, teacher: nn.Module, num_classes: int,
+                 distill: DistillerSet | Mapping[str, Any] | None = None, alpha: float = 0.9,
+                 save_teacher: bool = False, example_input: torch.Tensor | None = None,
+                 num_samples: int | None = None, **classifier_kwargs: Any) -> None:
         super().__init__(net, num_classes, **classifier_kwargs)
-        self.save_hyperparameters(ignore=["net", "teacher"])
-        self.temperature = check_temperature(temperature)
-        self.configure_distillation(teacher, logit_terms(dict(terms or {"kd": 1.0}), self.temperature), alpha,
-                                    save_teacher)
+        self.save_hyperparameters(ignore=["net", "teacher", "distill", "example_input"])
+        self.configure_distillation(teacher, distill if distill is not None else {"method": "kd"}, alpha, save_teacher)
+        self.attach_taps(net, teacher, self.head_path, find_head(teacher)[0])
+        if example_input is None:
+            size = self.model_meta.get("image_size", 32)
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            example_input = torch.zeros(2, int(self.model_meta.get("in_chans", 3)), *size)
+        self.setup_distillers(example_input, self._student_outputs, self._teacher_outputs, num_samples, num_classes)
+
+    def _student_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+    def _teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.teacher_forward(x)}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        teacher_logits = self.teacher_forward(x)  # first: its buffers are freed before the student's graph is built
-        student_logits = self.net(x)
-        own = self.supervised_losses(student_logits, y)
-        distilled = self.distillation_losses({"logits": student_logits}, {"logits": teacher_logits}, y)
-        return self.log_terms(self.mix_losses(own, distilled), batch_size=y.shape[0])
+        x, y, indices = split_batch(batch)
+        db = self.distill_batch(x, y, indices, self._student_outputs, self._teacher_outputs)
+        own = self.supervised_losses(db["student_logits"], y)
+        return self.log_terms(self.mix_losses(own, self.distillation_losses(db)), batch_size=y.shape[0])
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The student's groups, plus the distillers' trainable parts (connectors, heads) at the base lr."""
+        groups = super().parameter_groups()
+        extra = [p for p in self.distillers.parameters() if p.requires_grad]
+        if extra:
+            groups.append({"params": extra})
+        return groups

@@ -19,18 +19,15 @@ from torch import nn
 
 from kdx.errors import CheckpointError, ConfigError, DataError, KdxError
 from kdx.eval.verification import VerificationMetric, far_key
-from kdx.lit.distill import DistillationMixin, DistillTerm
+from kdx.distill import DistillerSet, build_distiller_set
+from kdx.lit.distill import DistillationMixin, split_batch
 from kdx.lit.terms import LossTermsMixin
 from kdx.lit.optim import configure_optimization
-from kdx.losses import check_temperature
-from kdx.losses.face import embedding_cosine_loss, embedding_mse_loss, make_projector, relational_kd_loss
-from kdx.losses.logits import kd_loss
 from kdx.losses.margin import CombinedMarginHead, margin_loss
 from kdx.models.embedding import fit_input, model_input_size
 
 # preset -> (m1, m2, m3): ArcFace additive angular, CosFace additive cosine, normalised softmax
 MARGIN_PRESETS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "normsoftmax": (1.0, 0.0, 0.0)}
-FACE_TERMS = ("emb_mse", "emb_cos", "relational", "logit_kd")
 DEFAULT_FARS = (1e-1, 1e-2, 1e-3)
 
 
@@ -72,7 +69,7 @@ class FaceModule(LossTermsMixin, pl.LightningModule):
         self.far_targets = tuple(float(f) for f in far_targets)
         self.bn_recalibration_batches = int(bn_recalibration_batches)
         self._eval_batch_idx = -1
-        self.save_hyperparameters(ignore=["net", "teacher"])
+        self.save_hyperparameters(ignore=["net", "teacher", "distill", "example_input"])
         self.metrics = nn.ModuleDict({stage: VerificationMetric(nrof_folds=nrof_folds, far_targets=self.far_targets)
                                       for stage in ("val", "test")})
 
@@ -88,7 +85,7 @@ class FaceModule(LossTermsMixin, pl.LightningModule):
         return {"margin": margin_loss(self.head(embeddings, labels), labels)}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, _ = split_batch(batch)
         return self.log_terms(self.own_losses(self.embed(x), y), batch_size=y.shape[0])
 
     # ------------------------------------------------------------------ verification
@@ -331,74 +328,56 @@ def build_face_teacher(spec: Mapping[str, Any], data_mean: Any = 0.5, data_std: 
                       "teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")
 
 
-def face_terms(weights: Mapping[str, float], temperature: float, projector: nn.Module,
-               mse_normalize: bool = False) -> list[DistillTerm]:
-    """DistillTerms on embeddings (emb_mse, emb_cos via `projector`, relational) and margin-head logits (logit_kd)."""
-    terms = []
-    for name, weight in weights.items():
-        if name == "emb_mse":
-            fn = lambda s, t, y: embedding_mse_loss(projector(s["embedding"]), t["embedding"], normalize=mse_normalize)  # noqa: E731
-        elif name == "emb_cos":
-            fn = lambda s, t, y: embedding_cosine_loss(projector(s["embedding"]), t["embedding"])  # noqa: E731
-        elif name == "relational":
-            fn = lambda s, t, y: relational_kd_loss(s["embedding"], t["embedding"])  # noqa: E731
-        elif name == "logit_kd":
-            fn = lambda s, t, y: kd_loss(s["logits"], t["logits"], temperature)  # noqa: E731
-        else:
-            raise ConfigError(f"distill.terms has unknown face term {name!r}; choose from {', '.join(FACE_TERMS)}")
-        terms.append(DistillTerm(name, float(weight), fn))
-    return terms
-
-
 class FaceDistillationModule(DistillationMixin, FaceModule):
-    """A face student trained on its own margin loss plus weighted distillation terms from a frozen teacher.
+    """A face student trained on its own margin loss plus weighted distillers (kdx.distill) from a frozen teacher.
 
-    Total = alpha * sum_i w_i * term_i + (1 - alpha) * margin. A learned projection (student -> teacher
-    embedding size) is built when the sizes differ and `projection` is set; it is trained with the student
-    and saved with it, but is not part of the exported embedding network.
+    Total = alpha * sum_m weight_m * loss_m + (1 - alpha) * margin. The distillers' trainable parts (a
+    student -> teacher embedding projection, say) are trained and saved with the student, but are not part
+    of the exported embedding network. Margin-head logits are offered to the distillers only when the
+    teacher has a head trained on this run's identities (`shared_identities`).
     """
 
-    def __init__(self, net: nn.Module, teacher: FaceTeacher, num_classes: int, terms: Mapping[str, float] | None = None,
-                 alpha: float = 0.5, temperature: float = 4.0, projection: bool = True, mse_normalize: bool = False,
+    def __init__(self, net: nn.Module, teacher: FaceTeacher, num_classes: int,
+                 distill: DistillerSet | Mapping[str, Any] | None = None, alpha: float = 0.5,
                  save_teacher: bool = False, cache_teacher: bool | str = "auto", shared_identities: bool = False,
+                 example_input: torch.Tensor | None = None, num_samples: int | None = None,
                  **face_kwargs: Any) -> None:
         super().__init__(net, num_classes, **face_kwargs)
-        weights = dict(terms or {"emb_cos": 1.0})
-        unknown = [n for n in weights if n not in FACE_TERMS]
-        if unknown:
-            raise ConfigError(f"distill.terms has unknown face term(s) {unknown}; choose from {', '.join(FACE_TERMS)}")
-        if weights.get("logit_kd") and (teacher.head is None or not shared_identities):
-            why = ("the teacher has no margin head (an ONNX model or a bare network)" if teacher.head is None else
-                   "the teacher's training identities differ from this run's")
-            raise ConfigError(f"distill.terms has logit_kd, but {why}; Hinton KD on margin-head logits needs a "
-                              "teacher trained on the same identity set (teacher.ckpt of a task=face run on this "
-                              "data). Drop logit_kd from distill.terms or use such a teacher")
-        self.temperature = check_temperature(temperature)
-        needs_projection = any(weights.get(n) for n in ("emb_mse", "emb_cos"))
-        s_dim, t_dim = self.embedding_size, teacher.embedding_size
-        self.projector = make_projector(s_dim, t_dim, bool(projection) and s_dim != t_dim) if needs_projection \
-            else nn.Identity()
+        self.configure_distillation(teacher, distill if distill is not None else {"method": "emb_cos"}, alpha,
+                                    save_teacher, task="face")
+        self.offers_logits = teacher.head is not None and bool(shared_identities)
+        provided = {"embedding", "labels", "indices"} | ({"logits"} if self.offers_logits else set())
+        why = "the teacher has no margin head (an ONNX model or a bare network)" if teacher.head is None else \
+            "the teacher's training identities differ from this run's"
+        self.distillers.check_support(provided, "face distillation", why={
+            "logits": f"{why}; logits need a teacher trained on the same identity set (teacher.ckpt of a task=face "
+                      "run on this data)"})
+        self.wants_logits = "logits" in self.distillers.needs
+        self.attach_taps(net, None if teacher.is_onnx else teacher.net)
         if cache_teacher == "auto":
             cache_teacher = teacher.is_onnx  # onnxruntime on the CPU dominates the step time
+        if cache_teacher and self.distillers.teacher_layers():
+            raise ConfigError("distill.cache_teacher=true cannot serve teacher layers (the cache keeps outputs only); "
+                              "set distill.cache_teacher=false")
         self.teacher_cache = TeacherOutputCache() if cache_teacher else None
-        self.configure_distillation(teacher, face_terms(weights, self.temperature, self.projector, mse_normalize),
-                                    alpha, save_teacher)
+        if example_input is None:
+            example_input = torch.zeros(2, int(self.model_meta.get("in_chans", 3)), *self.input_size)
+        self.setup_distillers(example_input, self._student_outputs, self.teacher_outputs, num_samples, num_classes)
+
+    def _student_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb = self.embed(x)
+        return {"embedding": emb, "logits": self.head(emb)} if self.wants_logits else {"embedding": emb}
 
     def teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The frozen teacher's outputs for `x` (through the content-keyed cache when enabled)."""
-        if self.teacher_cache is None:
-            return self.teacher_forward(x)
-        return self.teacher_cache(x, self.teacher_forward)
+        out = self.teacher_forward(x) if self.teacher_cache is None else self.teacher_cache(x, self.teacher_forward)
+        return out if self.wants_logits else {"embedding": out["embedding"]}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        emb = self.embed(x)
-        student = {"embedding": emb}
-        if any(t.name == "logit_kd" and t.weight for t in self.distill_terms):
-            student["logits"] = self.head(emb)
-        teacher = self.teacher_outputs(x)
-        distilled = self.distillation_losses(student, teacher, y)
-        return self.log_terms(self.mix_losses(self.own_losses(emb, y), distilled, hard_keys=("margin",)),
+        x, y, indices = split_batch(batch)
+        db = self.distill_batch(x, y, indices, self._student_outputs, self.teacher_outputs)
+        own = self.own_losses(db["student_embedding"], y)
+        return self.log_terms(self.mix_losses(own, self.distillation_losses(db), hard_keys=("margin",)),
                               batch_size=y.shape[0])
 
     def on_train_epoch_end(self) -> None:
@@ -437,8 +416,8 @@ def build_face_network(spec: Mapping[str, Any], in_chans: int, data_size: Sequen
     return net, meta
 
 
-def _probe_teacher(teacher: FaceTeacher, dm, spec: Mapping[str, Any]) -> None:
-    """Run the teacher once on two images of the data: a shape the model cannot take is a ConfigError now."""
+def _probe_teacher(teacher: FaceTeacher, dm, spec: Mapping[str, Any]) -> torch.Tensor:
+    """Run the teacher once on two images of the data (returned): a shape it cannot take is a ConfigError now."""
     dataset = dm.val_set if getattr(dm, "val_set", None) is not None else dm.train_set
     x = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
     try:
@@ -455,6 +434,7 @@ def _probe_teacher(teacher: FaceTeacher, dm, spec: Mapping[str, Any]) -> None:
     if emb.ndim != 2 or emb.shape[0] != x.shape[0]:
         raise ConfigError(f"teacher {teacher.source} returns shape {tuple(emb.shape)} for a batch of {x.shape[0]}; "
                           "an embedding teacher must return B x D")
+    return x
 
 
 def build_face_module(cfg, dm) -> tuple[FaceModule, dict[str, int]]:
@@ -477,15 +457,16 @@ def build_face_module(cfg, dm) -> tuple[FaceModule, dict[str, int]]:
     if task.name == "face":
         return FaceModule(net, dm.num_classes, **common), {"network": n_params}
     distill = _to_dict(cfg.distill)
+    host = {k: distill.pop(k) for k in ("alpha", "save_teacher", "cache_teacher", "teacher_cache") if k in distill}
+    distillers = build_distiller_set(distill, task="face")
     t_spec = _to_dict(cfg.teacher)
     teacher = build_face_teacher(t_spec, data_mean=getattr(dm, "mean", 0.5), data_std=getattr(dm, "std", 0.5))
-    _probe_teacher(teacher, dm, t_spec)
+    example = _probe_teacher(teacher, dm, t_spec)
     shared = bool(teacher.class_names) and teacher.class_names == list(getattr(dm, "class_names", []) or [])
     module = FaceDistillationModule(
-        net, teacher, dm.num_classes, terms=distill.get("terms"), alpha=distill.get("alpha", 0.5),
-        temperature=distill.get("temperature", 4.0), projection=bool(distill.get("projection", True)),
-        mse_normalize=bool(distill.get("mse_normalize", False)), save_teacher=bool(distill.get("save_teacher", False)),
-        cache_teacher=distill.get("cache_teacher", "auto"), shared_identities=shared, **common)
+        net, teacher, dm.num_classes, distill=distillers, alpha=host.get("alpha", 0.5),
+        save_teacher=bool(host.get("save_teacher", False)), cache_teacher=host.get("cache_teacher", "auto"),
+        shared_identities=shared, example_input=example, num_samples=len(dm.train_set), **common)
     if teacher.is_onnx:
         from kdx.eval.compare_face import onnx_parameter_count
 

@@ -20,7 +20,7 @@ FAILED = "failed"
 RUNNING = "running"
 
 # hparams the report shows in their own columns; looked up in `hparams`, then in the overrides
-HPARAM_KEYS = ("pair", "teacher", "student", "temperature", "alpha")
+HPARAM_KEYS = ("pair", "teacher", "student", "method", "temperature", "alpha")
 
 
 @dataclass
