@@ -105,7 +105,10 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
     extra = {"data": first.data.get("name"), "latency": "CPU, eval mode, median of timed batch-1 passes"}
     kd = stage_cfgs.get("kd")
     if kd is not None and kd.task.name == "distill":
-        extra.update(temperature=float(kd.distill.temperature), alpha=float(kd.distill.alpha))
+        distill = kd.distill
+        extra.update(method=distill.get("method"), alpha=float(distill.get("alpha", 0.9)))
+        if distill.get("temperature") is not None:
+            extra["temperature"] = float(distill.temperature)
     paths = write_comparison(rows, run_dir, title, extra)
     print_table(rows, title)
     print(f"[kdx] comparison written to {paths['md']}, {paths['json']} and {paths['png']}", flush=True)

@@ -12,7 +12,6 @@ from kdx.errors import ConfigError
 from kdx.eval.cli import load_embedding_model
 from kdx.lit.face import (FaceDistillationModule, FaceModule, FaceTeacher, TeacherOutputCache, build_face_teacher,
                           build_margin_head, _probe_teacher)
-from kdx.losses.face import EmbeddingProjector
 from kdx.models.embedding import build_embedding_model
 
 OPTIM = {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"}
@@ -105,11 +104,13 @@ def _torch_teacher(embedding_size=24, head=None, class_names=None):
 def test_distillation_reduces_embedding_loss_and_keeps_teacher_frozen(face_dm, tmp_path):
     teacher = _torch_teacher(24)
     frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, terms={"emb_cos": 1.0, "relational": 1.0},
-                                    alpha=0.9, projection=True, optim=OPTIM, model_meta=_meta(dm=face_dm))
-    assert isinstance(module.projector, EmbeddingProjector)  # 16 -> 24 learned map
+    distill = {"method": "emb_cos", "projection": True, "mix": {"relational": {"weight": 1.0}}}
+    module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, distill=distill, alpha=0.9,
+                                    optim=OPTIM, model_meta=_meta(dm=face_dm))
+    projector_params = list(module.distillers.methods["emb_cos"].parameters())
+    assert projector_params and projector_params[0].shape == (24, 16)  # 16 -> 24 learned map
     opt_params = {id(p) for g in module.parameter_groups() for p in g["params"]}
-    assert all(id(p) in opt_params for p in module.projector.parameters())
+    assert all(id(p) in opt_params for p in projector_params)
     assert not any(id(p) in opt_params for p in teacher.parameters())
     assert not any(k.startswith(("teacher", "_kdx_teacher")) for k in module.state_dict())
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -119,48 +120,70 @@ def test_distillation_reduces_embedding_loss_and_keeps_teacher_frozen(face_dm, t
     def emb_cos():
         module.eval()
         with torch.no_grad():
-            return float(module.distillation_losses({"embedding": module.embed(x)}, module.teacher_outputs(x), y)["emb_cos"])
+            db = module.distill_batch(x, y, None, module._student_outputs, module.teacher_outputs)
+            return float(module.distillers(db)["emb_cos"])
 
     start = emb_cos()
     module.train()
-    trainer = _trainer(tmp_path, epochs=3, limit_val_batches=0)
+    trainer = _trainer(tmp_path, epochs=3, limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(module, datamodule=face_dm)
     assert emb_cos() < start * 0.7
-    assert "train/loss_emb_cos" in trainer.logged_metrics or "train/loss" in trainer.callback_metrics
+    assert {"train/loss_emb_cos", "train/loss_relational", "train/loss_margin"} <= set(trainer.logged_metrics)
     assert not teacher.training
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, frozen[k])
 
 
+def test_face_training_step_returns_the_formula_of_student_and_teacher_outputs(face_dm):
+    """The face host's training_step on a real batch, against the loss computed by hand from both embeddings."""
+    import torch.nn.functional as F
+
+    teacher = _torch_teacher(16)
+    distill = {"method": "emb_mse", "normalize": False, "mix": {"relational": {"weight": 0.3}}}
+    module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, distill=distill, alpha=0.7,
+                                    optim=OPTIM, model_meta=_meta(dm=face_dm))
+    module.eval()
+    module.log = lambda *a, **k: None
+    x, y = next(iter(face_dm.train_dataloader()))
+    loss = module.training_step((x, y), 0)
+    with torch.no_grad():
+        s, t = module.embed(x).double(), teacher(x)["embedding"].double()
+        margin = F.cross_entropy(module.head(s.float(), y).double(), y)
+        zs, zt = F.normalize(s, dim=1), F.normalize(t, dim=1)
+        relational = ((zs @ zs.T - zt @ zt.T) ** 2).mean()
+        expected = 0.3 * margin + 0.7 * (((s - t) ** 2).mean() + 0.3 * relational)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_dimension_mismatch_without_projection_is_an_error(face_dm):
     with pytest.raises(ConfigError, match="distill.projection=true"):
-        FaceDistillationModule(_student(16), _torch_teacher(24), face_dm.num_classes, terms={"emb_cos": 1.0},
-                               projection=False, optim=OPTIM, model_meta=_meta())
-    # relational KD compares similarity matrices: no projection needed
-    module = FaceDistillationModule(_student(16), _torch_teacher(24), face_dm.num_classes, terms={"relational": 1.0},
-                                    projection=False, optim=OPTIM, model_meta=_meta())
-    assert isinstance(module.projector, torch.nn.Identity)
+        FaceDistillationModule(_student(16), _torch_teacher(24), face_dm.num_classes,
+                               distill={"method": "emb_cos", "projection": False}, optim=OPTIM, model_meta=_meta())
+    # relational KD compares similarity matrices: no projection needed, nothing trainable
+    module = FaceDistillationModule(_student(16), _torch_teacher(24), face_dm.num_classes,
+                                    distill={"method": "relational"}, optim=OPTIM, model_meta=_meta())
+    assert not list(module.distillers.parameters())
 
 
 def test_logit_kd_needs_a_teacher_with_the_same_identities(face_dm):
-    with pytest.raises(ConfigError, match="distill.terms has logit_kd.*no margin head"):
-        FaceDistillationModule(_student(16), _torch_teacher(16), face_dm.num_classes, terms={"logit_kd": 1.0},
+    with pytest.raises(ConfigError, match="'logit_kd' needs logits, but the teacher has no margin head"):
+        FaceDistillationModule(_student(16), _torch_teacher(16), face_dm.num_classes, distill={"method": "logit_kd"},
                                optim=OPTIM, model_meta=_meta())
     head = build_margin_head(16, face_dm.num_classes)
     with pytest.raises(ConfigError, match="identities differ"):
-        FaceDistillationModule(_student(16), _torch_teacher(16, head), face_dm.num_classes, terms={"logit_kd": 1.0},
-                               shared_identities=False, optim=OPTIM, model_meta=_meta())
+        FaceDistillationModule(_student(16), _torch_teacher(16, head), face_dm.num_classes,
+                               distill={"method": "logit_kd"}, shared_identities=False, optim=OPTIM, model_meta=_meta())
     module = FaceDistillationModule(_student(16), _torch_teacher(16, head, face_dm.class_names), face_dm.num_classes,
-                                    terms={"logit_kd": 1.0, "emb_cos": 1.0}, shared_identities=True, optim=OPTIM,
-                                    model_meta=_meta())
+                                    distill={"method": "logit_kd", "temperature": 2.0, "mix": {"emb_cos": {}}},
+                                    shared_identities=True, optim=OPTIM, model_meta=_meta())
     x, y = next(iter(face_dm.train_dataloader()))
     module.train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log outside a Trainer
-        loss = module.training_step((x, y), 0)
-    assert torch.isfinite(loss)
-    with pytest.raises(ConfigError, match="unknown face term"):
-        FaceDistillationModule(_student(16), _torch_teacher(16), face_dm.num_classes, terms={"kd": 1.0},
+    terms = {}
+    module.log_terms = lambda t, batch_size: terms.update(t) or sum(t.values())
+    loss = module.training_step((x, y), 0)
+    assert torch.isfinite(loss) and set(terms) == {"margin", "logit_kd", "emb_cos"}
+    with pytest.raises(ConfigError, match="'dkd' is for classification tasks, not face"):
+        FaceDistillationModule(_student(16), _torch_teacher(16), face_dm.num_classes, distill={"method": "dkd"},
                                optim=OPTIM, model_meta=_meta())
 
 

@@ -149,7 +149,7 @@ def test_dist_loss_matches_pearson_relations_by_hand():
     assert dist_loss(t, t, temperature=T).item() == pytest.approx(0.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, "4"])
+@pytest.mark.parametrize("bad", [0, -1.0, "4", float("inf"), float("nan")])
 def test_temperature_must_be_positive(bad):
     with pytest.raises(ConfigError, match="distill.temperature"):
         kd_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=bad)

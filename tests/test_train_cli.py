@@ -71,8 +71,11 @@ def test_probe_on_the_teacher_checkpoint(teacher_run, tmp_path):
 
 
 @pytest.mark.parametrize("override,error,message", [
-    ("distill.temperature=0", ConfigError, "distill.temperature must be a number > 0, got 0"),
-    ("distill.temperature=-2", ConfigError, "distill.temperature must be a number > 0"),
+    ("distill.temperature=0", ConfigError, "distill.temperature must be a finite number > 0, got 0"),
+    ("distill.temperature=-2", ConfigError, "distill.temperature must be a finite number > 0"),
+    ("distill.temperature=inf", ConfigError, "distill.temperature must be a finite number > 0, got inf"),
+    ("distill.method=dkdd", ConfigError, "distill.method='dkdd' is not a known distillation method .did you mean dkd"),
+    ("+distill.betta=3", ConfigError, "distill.betta is not a parameter of distillation method 'kd'"),
     ("distill.alpha=1.5", ConfigError, r"distill.alpha must be a number in \[0, 1\], got 1.5"),
     ("student.name=resnet_9000", ModelNotFoundError, "unknown model name 'resnet_9000'"),
     ("teacher.ckpt=/nowhere/teacher.ckpt", CheckpointError, "checkpoint /nowhere/teacher.ckpt does not exist"),

@@ -8,9 +8,9 @@ from kdx.errors import ConfigError
 
 
 def check_temperature(temperature: float) -> float:
-    """Return `temperature` if it is a positive number, else raise a ConfigError naming the key."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-        raise ConfigError(f"distill.temperature must be a number > 0, got {temperature!r}")
+    """Return `temperature` if it is a finite positive number, else raise a ConfigError naming the key."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < float("inf"):
+        raise ConfigError(f"distill.temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
 
