@@ -101,7 +101,13 @@ def split_distill_config(cfg: Mapping[str, Any]) -> list[tuple[str, float, dict[
 def build_distiller_set(cfg: Mapping[str, Any], task: str = "classification") -> DistillerSet:
     """The DistillerSet of a `distill` config section; methods of another task are refused by name."""
     built = []
-    for name, weight, params, key in split_distill_config(cfg):
+    entries = split_distill_config(cfg)
+    if entries and all(weight == 0 for _, weight, _, _ in entries):
+        raise ConfigError("every distillation method has weight 0; give one a weight > 0 (distill.weight=1), or train "
+                          "the student alone (task=supervised)")
+    for name, weight, params, key in entries:
+        if weight == 0:  # left out entirely: unused parameters would stall DDP's gradient synchronisation
+            continue
         cls = distiller_class(name, key=f"{key}.method" if key == "distill" else key)
         if task not in cls.tasks:
             raise ConfigError(f"distillation method {name!r} is for {', '.join(sorted(cls.tasks))} tasks, not {task}; "

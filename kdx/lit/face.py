@@ -353,6 +353,8 @@ class FaceDistillationModule(DistillationMixin, FaceModule):
             "logits": f"{why}; logits need a teacher trained on the same identity set (teacher.ckpt of a task=face "
                       "run on this data)"})
         self.wants_logits = "logits" in self.distillers.needs
+        if self.distill_alpha == 1.0 and not self.wants_logits:  # no margin loss: the head would get no gradient,
+            self.head.requires_grad_(False)                      # which stalls DDP; keep it out of the optimizer
         self.attach_taps(net, None if teacher.is_onnx else teacher.net)
         if cache_teacher == "auto":
             cache_teacher = teacher.is_onnx  # onnxruntime on the CPU dominates the step time
