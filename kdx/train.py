@@ -24,7 +24,7 @@ from kdx.checkpoints import load_network
 from kdx.errors import CheckpointError, ConfigError, KdxError, RunExistsError
 from kdx.io import RESULTS_FILE, atomic_write_text, config_hash, read_results, write_json
 from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule, check_alpha
-from kdx.distill import build_distiller_set, split_distill_config
+from kdx.distill import build_distiller_set, enable_sample_indices, split_distill_config
 from kdx.models import build_model, find_head
 from kdx.trainer import build_trainer
 
@@ -126,17 +126,6 @@ def build_module(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict[str, int
 def example_images(dm, n: int = 2) -> torch.Tensor:
     """The first `n` training images, stacked (a probe batch for sizing distillers' connectors)."""
     return torch.stack([dm.train_set[i][0] for i in range(min(n, len(dm.train_set)))])
-
-
-def enable_sample_indices(dm, distillers) -> None:
-    """Make the datamodule yield (images, labels, indices) when a method keeps per-sample state (CRD)."""
-    if "indices" not in distillers.needs:
-        return
-    if not hasattr(dm, "train_indices"):
-        users = [n for n, d in distillers.methods.items() if "indices" in d.needs]
-        raise ConfigError(f"distillation method {users[0]!r} needs sample indices, but {type(dm).__name__} gives none; "
-                          "use a kdx datamodule (kdx.data.KdxDataModule) or another method")
-    dm.train_indices = True
 
 
 def hparams_summary(cfg: DictConfig) -> dict[str, Any]:

@@ -205,7 +205,7 @@ def test_distillers_parts_are_optimised_checkpointed_and_left_out_of_the_student
 
 
 def test_method_needing_sample_indices_on_a_datamodule_without_them_says_so():
-    from kdx.train import enable_sample_indices
+    from kdx.distill import enable_sample_indices
 
     class Plain:
         pass

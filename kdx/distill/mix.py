@@ -114,3 +114,14 @@ def build_distiller_set(cfg: Mapping[str, Any], task: str = "classification") ->
                               f"choose another distill.method")
         built.append((cls.name, weight, build_distiller(name, params, key=key)))
     return DistillerSet(built)
+
+
+def enable_sample_indices(dm: Any, distillers: DistillerSet) -> None:
+    """Make the datamodule yield (images, labels, indices) when a method keeps per-sample state (CRD)."""
+    if "indices" not in distillers.needs:
+        return
+    if not hasattr(dm, "train_indices"):
+        users = [n for n, d in distillers.methods.items() if "indices" in d.needs]
+        raise ConfigError(f"distillation method {users[0]!r} needs sample indices, but {type(dm).__name__} gives none; "
+                          "use a kdx datamodule (kdx.data.KdxDataModule) or another method")
+    dm.train_indices = True

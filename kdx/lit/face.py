@@ -19,7 +19,7 @@ from torch import nn
 
 from kdx.errors import CheckpointError, ConfigError, DataError, KdxError
 from kdx.eval.verification import VerificationMetric, far_key
-from kdx.distill import DistillerSet, build_distiller_set
+from kdx.distill import DistillerSet, build_distiller_set, enable_sample_indices
 from kdx.lit.distill import DistillationMixin, split_batch
 from kdx.lit.terms import LossTermsMixin
 from kdx.lit.optim import configure_optimization
@@ -461,6 +461,7 @@ def build_face_module(cfg, dm) -> tuple[FaceModule, dict[str, int]]:
     distill = _to_dict(cfg.distill)
     host = {k: distill.pop(k) for k in ("alpha", "save_teacher", "cache_teacher", "teacher_cache") if k in distill}
     distillers = build_distiller_set(distill, task="face")
+    enable_sample_indices(dm, distillers)
     t_spec = _to_dict(cfg.teacher)
     teacher = build_face_teacher(t_spec, data_mean=getattr(dm, "mean", 0.5), data_std=getattr(dm, "std", 0.5))
     example = _probe_teacher(teacher, dm, t_spec)
