@@ -33,27 +33,6 @@ def capture_inputs(model: nn.Module, paths: list[str]) -> Iterator[dict[str, tor
             h.remove()
 
 
-@contextmanager
-def capture_outputs(model: nn.Module, paths: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, `taps[path]` holds the output of the module at `path` (for feature losses)."""
-    taps: dict[str, torch.Tensor] = {}
-    handles = []
-    for path in paths:
-        try:
-            module = model.get_submodule(path)
-        except AttributeError as e:
-            raise KeyError(f"module path {path!r} is not in {type(model).__name__}") from e
-
-        def hook(_m, _args, out, path=path):
-            taps[path] = out
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield taps
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def feature_stages(model: nn.Module) -> list[str]:
     """Module paths of a network's stage outputs, shallow to deep (the default layers of feature distillers).
 
