@@ -24,6 +24,7 @@ from kdx.checkpoints import load_network
 from kdx.errors import CheckpointError, ConfigError, KdxError, RunExistsError
 from kdx.io import RESULTS_FILE, atomic_write_text, config_hash, read_results, write_json
 from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule, check_alpha
+from kdx.lit.distill import apply_teacher_cache
 from kdx.distill import build_distiller_set, enable_sample_indices, split_distill_config
 from kdx.models import build_model, find_head
 from kdx.trainer import build_trainer
@@ -90,6 +91,8 @@ def count_parameters(module: torch.nn.Module) -> int:
 def build_module(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict[str, int]]:
     """The LightningModule of `task.name`, and the parameter counts of its networks."""
     task, optim = cfg.task, to_dict(cfg.optim)
+    if hasattr(dm, "view_seed"):
+        dm.view_seed = int(cfg.seed)  # seeded views (data.seeded_views, the teacher cache) follow the run's seed
     if task.name in ("face", "face_distill"):
         from kdx.lit.face import build_face_module
 
@@ -109,13 +112,15 @@ def build_module(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict[str, int
                   l2sp_weight=float(task.get("l2sp_weight", 0.0)))
     if task.name == "distill":
         distill = to_dict(cfg.distill)
-        host = {k: distill.pop(k) for k in ("alpha", "save_teacher", "cache_teacher", "teacher_cache") if k in distill}
+        host = {k: distill.pop(k) for k in ("alpha", "save_teacher", "teacher_cache") if k in distill}
         distillers = build_distiller_set(distill, task="classification")
         enable_sample_indices(dm, distillers)
         teacher, _ = build_network(cfg.teacher, num_classes, in_chans)
         module = DistillationModule(net, teacher, num_classes, distill=distillers, alpha=host.get("alpha", 0.9),
                                     save_teacher=bool(host.get("save_teacher", False)),
                                     example_input=example_images(dm), num_samples=len(dm.train_set), **common)
+        apply_teacher_cache(module, dm, to_dict(cfg.data), host.get("teacher_cache"), int(cfg.seed),
+                            cfg.trainer.get("max_epochs"), teacher_spec=to_dict(cfg.teacher))
         module.channels_last = bool(cfg.trainer.get("channels_last", False))
         return module, {"network": count_parameters(net), "teacher": count_parameters(teacher)}
     module = ClassifierModule(net, num_classes, **common)

@@ -10,7 +10,7 @@ from PIL import Image
 from kdx.data.face import FaceFolderDataModule
 from kdx.errors import ConfigError
 from kdx.eval.cli import load_embedding_model
-from kdx.lit.face import (FaceDistillationModule, FaceModule, FaceTeacher, TeacherOutputCache, build_face_teacher,
+from kdx.lit.face import (FaceDistillationModule, FaceModule, FaceTeacher, build_face_teacher,
                           build_margin_head, _probe_teacher)
 from kdx.models.embedding import build_embedding_model
 
@@ -187,24 +187,23 @@ def test_logit_kd_needs_a_teacher_with_the_same_identities(face_dm):
                                optim=OPTIM, model_meta=_meta())
 
 
-def test_teacher_cache_keys_on_exact_inputs():
-    calls = []
+def test_face_teacher_outputs_come_from_the_cache_when_views_repeat(face_dm, tmp_path):
+    """Two fixed views per image: from the third epoch on, every teacher embedding is served by the cache."""
+    from kdx.lit.distill import apply_teacher_cache
 
-    def compute(x):
-        calls.append(x.shape[0])
-        return {"embedding": x.flatten(1)[:, :4] * 2}
+    teacher = _torch_teacher(24)
+    module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, distill={"method": "emb_cos"},
+                                    optim=OPTIM, model_meta=_meta(dm=face_dm))
+    apply_teacher_cache(module, face_dm, {"name": "ids"}, {"mode": "memory", "views": 2}, seed=0, max_epochs=4)
+    rates = []
 
-    cache = TeacherOutputCache()
-    x = torch.randn(3, 3, 4, 4)
-    first = cache(x, compute)
-    again = cache(x, compute)  # the very same views: no teacher call
-    torch.testing.assert_close(first["embedding"], again["embedding"])
-    flipped = cache(x.flip(-1), compute)  # another view of the same images: computed, never replayed
-    torch.testing.assert_close(flipped["embedding"], x.flip(-1).flatten(1)[:, :4] * 2)
-    assert calls == [3, 3] and cache.hits == 3 and cache.misses == 6
-    mixed = torch.stack([x[0], x[0] + 1e-3])  # a near-identical image is a different input
-    cache(mixed, compute)
-    assert calls[-1] == 1
+    class Rate(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            rates.append(pl_module.teacher_cache.stats()["hit_rate"])  # callbacks run before the module resets it
+
+    _trainer(tmp_path, epochs=4, limit_val_batches=0, callbacks=[Rate()]).fit(module, datamodule=face_dm)
+    assert rates == [0.0, 0.0, 1.0, 1.0]
+    face_dm.seeded_views = False
 
 
 def _export(model, path, shape, dynamic_hw=False):

@@ -6,6 +6,8 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from kdx.data.views import SeededViewDataset, ViewSampler
+
 
 class WithIndex(Dataset):
     """A dataset whose items carry their index: (image, label, index), for methods that keep per-sample state."""
@@ -25,7 +27,8 @@ class KdxDataModule(pl.LightningDataModule):
     """A LightningDataModule that exposes `num_classes`, `in_chans`, `image_size` and `class_names`."""
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = True, eval_batch_size: int | None = None) -> None:
+                 persistent_workers: bool = True, eval_batch_size: int | None = None, seeded_views: bool = False,
+                 views: int | None = None) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -39,6 +42,11 @@ class KdxDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.train_indices = False  # True: training batches are (images, labels, sample indices)
+        # seeded views (kdx.data.views): training batches are (images, labels, indices, views), each image's
+        # augmentation a function of (view_seed, view, index); view = epoch, or epoch % view_count
+        self.seeded_views = bool(seeded_views)
+        self.view_count: int | None = int(views) if views else None
+        self.view_seed = 0  # the run's seed (set by kdx.train)
 
     @property
     def num_classes(self) -> int:
@@ -48,15 +56,17 @@ class KdxDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for loaders")
+        drop_last = train and len(dataset) > self.batch_size
+        kwargs: dict[str, Any] = dict(
+            batch_size=self.batch_size if train else self.eval_batch_size, drop_last=drop_last,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+        )
+        if train and self.seeded_views:
+            sampler = ViewSampler(dataset, seed=self.view_seed, views=self.view_count, drop_last=drop_last)
+            return DataLoader(SeededViewDataset(dataset, self.view_seed), sampler=sampler, **kwargs)
         if train and self.train_indices:
             dataset = WithIndex(dataset)
-        kwargs: dict[str, Any] = dict(
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train, drop_last=train and len(dataset) > self.batch_size,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-        return DataLoader(dataset, **kwargs)
+        return DataLoader(dataset, shuffle=train, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -10,7 +10,7 @@ from kdx.distill.base import Distiller, DistillBatch, build_distiller, distiller
 from kdx.errors import ConfigError
 
 # `distill.*` keys the host reads; every other key of the section is a parameter of `distill.method`
-HOST_KEYS = frozenset({"method", "weight", "alpha", "save_teacher", "mix", "cache_teacher", "teacher_cache"})
+HOST_KEYS = frozenset({"method", "weight", "alpha", "save_teacher", "mix", "teacher_cache"})
 
 
 def _number(value: Any, key: str) -> float:

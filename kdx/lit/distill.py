@@ -7,12 +7,14 @@ children: their trainable parts are optimised with the student and their state i
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from kdx.distill import DistillBatch, DistillerSet, LayerTaps, build_distiller_set
+from kdx.distill.cache import CacheUnavailable, TeacherCache, cache_key, check_cache_config, teacher_fingerprint
 from kdx.errors import ConfigError
 from kdx.lit.classifier import ClassifierModule
 from kdx.models import find_head
@@ -27,11 +29,10 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(images, labels, sample indices or None) of a training batch of 2 or 3 items."""
-    if len(batch) == 3:
-        return batch[0], batch[1], batch[2]
-    return batch[0], batch[1], None
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(images, labels, sample indices or None, views or None) of a training batch of 2, 3 or 4 items."""
+    items = list(batch) + [None] * (4 - len(batch))
+    return items[0], items[1], items[2], items[3]
 
 
 class DistillationMixin:
@@ -94,30 +95,43 @@ class DistillationMixin:
         self._embedding_inputs = (student_embedding_input, teacher_embedding_input)
 
     def distill_batch(self, x: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor | None,
-                      student_fn: Outputs, teacher_fn: Outputs) -> DistillBatch:
-        """Run teacher (first, without a graph) and student on `x`; everything the distillers read, as one dict."""
+                      student_fn: Outputs, teacher_fn: Outputs, views: torch.Tensor | None = None) -> DistillBatch:
+        """Run teacher (first, without a graph; from the teacher cache when it has this view) and student on `x`:
+        everything the distillers read, as one dict."""
         batch: DistillBatch = {"images": x, "epoch": int(self.current_epoch) if self._trainer is not None else 0,
                                "max_epochs": int(self.trainer.max_epochs or 0) if self._trainer is not None else 0}
         if labels is not None:
             batch["labels"] = labels
         if indices is not None:
             batch["indices"] = indices
-        for role, taps, fn in (("teacher", self._teacher_taps, teacher_fn), ("student", self._student_taps, student_fn)):
-            with torch.set_grad_enabled(role == "student" and torch.is_grad_enabled()), taps.recording():
-                outputs = dict(fn(x))
-            features, inputs = taps.take()
-            path = self._embedding_inputs[0 if role == "student" else 1]
-            if path in inputs and "embedding" not in outputs:
-                outputs["embedding"] = inputs[path].flatten(1)
+        cache = getattr(self, "teacher_cache", None)
+        if cache is not None and indices is not None and views is not None:
+            teacher_out, teacher_features = cache(x, indices, views, lambda xs: self._run(xs, teacher_fn, "teacher")[0]), {}
+        else:
+            teacher_out, teacher_features = self._run(x, teacher_fn, "teacher")
+        student_out, student_features = self._run(x, student_fn, "student")
+        for role, outputs, features in (("teacher", teacher_out, teacher_features),
+                                        ("student", student_out, student_features)):
             for name, value in outputs.items():
                 batch[f"{role}_{name}"] = value
             batch[f"{role}_features"] = features
         return batch
 
+    def _run(self, x: torch.Tensor, fn: Outputs, role: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One network's named outputs (with the embedding read at its classifier's input) and tapped features."""
+        taps = self._student_taps if role == "student" else self._teacher_taps
+        with torch.set_grad_enabled(role == "student" and torch.is_grad_enabled()), taps.recording():
+            outputs = dict(fn(x))
+        features, inputs = taps.take()
+        path = self._embedding_inputs[0 if role == "student" else 1]
+        if path in inputs and "embedding" not in outputs:
+            outputs["embedding"] = inputs[path].flatten(1)
+        return outputs, features
+
     @torch.no_grad()
     def setup_distillers(self, example_input: torch.Tensor, student_fn: Outputs, teacher_fn: Outputs,
-                         num_samples: int | None = None, num_classes: int | None = None) -> None:
-        """Let the distillers build their trainable parts from one probe batch (student in eval mode)."""
+                         num_samples: int | None = None, num_classes: int | None = None) -> DistillBatch:
+        """Let the distillers build their trainable parts from one probe batch (student in eval mode); returns it."""
         modes = {m: m.training for m in self.modules()}
         self.eval()
         try:
@@ -129,6 +143,45 @@ class DistillationMixin:
                 m.training = mode
         probe["num_classes"] = num_classes
         self.distillers.setup(probe, num_samples=num_samples)
+        self._probe_shapes = {k[len("teacher_"):]: int(v.shape[1]) for k, v in probe.items()
+                              if k.startswith("teacher_") and isinstance(v, torch.Tensor) and v.ndim == 2}
+        return probe
+
+    def configure_teacher_cache(self, settings: Mapping[str, Any] | str | None, identity: Mapping[str, Any],
+                                seed: int, num_samples: int, max_epochs: int | None,
+                                teacher_file: str | None = None) -> TeacherCache | None:
+        """Serve the teacher's outputs from a TeacherCache (`distill.teacher_cache`), or do nothing when it is off.
+
+        `identity` describes the data source and its transforms; with the teacher's weights, the seed and the
+        view scheme it names the store. The datamodule must give seeded views (see kdx.data.views).
+        """
+        settings = check_cache_config(settings)
+        self.teacher_cache = None
+        if settings["mode"] == "off":
+            return None
+        if self.distillers.teacher_layers():
+            raise ConfigError(f"distill.teacher_cache stores outputs only, but the methods read teacher layers "
+                              f"{self.distillers.teacher_layers()}; set distill.teacher_cache.mode=off")
+        views = settings["views"]
+        if not views and not (max_epochs and max_epochs > 0):
+            raise ConfigError("distill.teacher_cache with a new view every epoch needs trainer.max_epochs; set it, "
+                              "or set distill.teacher_cache.views=K")
+        outputs = dict(self._probe_shapes)
+        key = cache_key(teacher_fingerprint(self.teacher, teacher_file), identity, seed, views, settings["topk"], outputs)
+        try:
+            self.teacher_cache = TeacherCache(key, num_samples, views or int(max_epochs), outputs,
+                                              mode=settings["mode"], root=settings["dir"], topk=settings["topk"],
+                                              meta={"data": dict(identity), "seed": seed, "views": views})
+        except CacheUnavailable as e:  # never a reason to stop: the teacher is simply computed
+            warnings.warn(f"{e}; the teacher is computed without a cache")
+        return self.teacher_cache
+
+    def on_train_epoch_end(self) -> None:
+        cache = getattr(self, "teacher_cache", None)
+        if cache is not None and cache.hits + cache.misses:  # share of this epoch's images served from the cache
+            self.log("train/teacher_cache_hit_rate", cache.stats()["hit_rate"], sync_dist=True)
+            cache.hits = cache.misses = 0
+        super().on_train_epoch_end()
 
     def distillation_losses(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         """Every distiller's terms times its weight times alpha, by name."""
@@ -179,8 +232,8 @@ class DistillationModule(DistillationMixin, ClassifierModule):
         return {"logits": self.teacher_forward(x)}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, indices = split_batch(batch)
-        db = self.distill_batch(x, y, indices, self._student_outputs, self._teacher_outputs)
+        x, y, indices, views = split_batch(batch)
+        db = self.distill_batch(x, y, indices, self._student_outputs, self._teacher_outputs, views)
         own = self.supervised_losses(db["student_logits"], y)
         return self.log_terms(self.mix_losses(own, self.distillation_losses(db)), batch_size=y.shape[0])
 
@@ -191,3 +244,26 @@ class DistillationModule(DistillationMixin, ClassifierModule):
         if extra:
             groups.append({"params": extra})
         return groups
+
+
+LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "persistent_workers", "pin_memory", "name")
+
+
+def apply_teacher_cache(module: DistillationMixin, dm: Any, data_cfg: Mapping[str, Any], settings: Any, seed: int,
+                        max_epochs: int | None, teacher_spec: Mapping[str, Any] | None = None,
+                        teacher_file: str | None = None) -> None:
+    """Switch the datamodule to seeded views and give the module its teacher cache, as `distill.teacher_cache` says.
+
+    The store's identity is the data config without its loader settings (source, subset, transforms), the
+    datamodule's sizes, the teacher spec (ONNX preprocessing) and the seed, with the teacher's weights.
+    """
+    settings = check_cache_config(settings)
+    if settings["mode"] == "off":
+        return
+    if not hasattr(dm, "seeded_views"):
+        raise ConfigError(f"distill.teacher_cache needs seeded views, which {type(dm).__name__} does not give; "
+                          "use a kdx datamodule or set distill.teacher_cache.mode=off")
+    identity = {"data": {k: v for k, v in dict(data_cfg).items() if k not in LOADER_KEYS},
+                "sizes": dm.describe(), "teacher": dict(teacher_spec or {})}
+    dm.seeded_views, dm.view_count, dm.view_seed = True, settings["views"], int(seed)
+    module.configure_teacher_cache(settings, identity, int(seed), len(dm.train_set), max_epochs, teacher_file)

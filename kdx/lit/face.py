@@ -8,10 +8,8 @@ with images 2i and 2i+1 forming pair i (see kdx.data.face). Validation and test 
 """
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 from kdx.errors import CheckpointError, ConfigError, DataError, KdxError
 from kdx.eval.verification import VerificationMetric, far_key
 from kdx.distill import DistillerSet, build_distiller_set, enable_sample_indices
-from kdx.lit.distill import DistillationMixin, split_batch
+from kdx.lit.distill import DistillationMixin, apply_teacher_cache, split_batch
 from kdx.lit.terms import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.losses.margin import CombinedMarginHead, margin_loss
@@ -85,7 +83,7 @@ class FaceModule(LossTermsMixin, pl.LightningModule):
         return {"margin": margin_loss(self.head(embeddings, labels), labels)}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, _ = split_batch(batch)
+        x, y = split_batch(batch)[:2]
         return self.log_terms(self.own_losses(self.embed(x), y), batch_size=y.shape[0])
 
     # ------------------------------------------------------------------ verification
@@ -199,49 +197,6 @@ def batch_idx_is_last(batch_idx: int, num_batches: float | int) -> bool:
 
 
 # ---------------------------------------------------------------------- distillation
-class TeacherOutputCache:
-    """Teacher outputs keyed by the exact bytes of each input image.
-
-    Only an identical input (same image, same flip, same crop) is looked up; every new augmented view is a
-    miss and is computed, so a cached view is never replayed in place of a different one. Oldest entries
-    are dropped beyond `max_entries`.
-    """
-
-    def __init__(self, max_entries: int = 100_000):
-        self.max_entries = int(max_entries)
-        self.store: OrderedDict[bytes, dict[str, torch.Tensor]] = OrderedDict()
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(image: torch.Tensor) -> bytes:
-        """A 16-byte digest of one image's values, shape and dtype."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(str((tuple(image.shape), image.dtype)).encode())
-        h.update(image.detach().cpu().contiguous().numpy().tobytes())
-        return h.digest()
-
-    def __call__(self, x: torch.Tensor, compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """compute(x) for the images not seen before, cached values for the others, in batch order."""
-        keys = [self.key(xi) for xi in x]
-        todo: dict[bytes, int] = {}
-        for i, k in enumerate(keys):
-            if k in self.store:
-                self.store.move_to_end(k)
-            elif k not in todo:
-                todo[k] = i
-        self.hits += len(keys) - len(todo)
-        self.misses += len(todo)
-        if todo:
-            rows = list(todo.values())
-            out = compute(x[rows])
-            for j, k in enumerate(todo):
-                self.store[k] = {name: v[j].detach().cpu() for name, v in out.items()}
-            while len(self.store) > self.max_entries:
-                self.store.popitem(last=False)
-        names = self.store[keys[0]].keys()
-        return {n: torch.stack([self.store[k][n] for k in keys]).to(x.device) for n in names}
-
-
 class FaceTeacher(nn.Module):
     """A frozen face teacher: embedding network (torch or ONNX) and, for a kdx face checkpoint, its margin head.
 
@@ -339,7 +294,7 @@ class FaceDistillationModule(DistillationMixin, FaceModule):
 
     def __init__(self, net: nn.Module, teacher: FaceTeacher, num_classes: int,
                  distill: DistillerSet | Mapping[str, Any] | None = None, alpha: float = 0.5,
-                 save_teacher: bool = False, cache_teacher: bool | str = "auto", shared_identities: bool = False,
+                 save_teacher: bool = False, shared_identities: bool = False,
                  example_input: torch.Tensor | None = None, num_samples: int | None = None,
                  **face_kwargs: Any) -> None:
         super().__init__(net, num_classes, **face_kwargs)
@@ -356,12 +311,6 @@ class FaceDistillationModule(DistillationMixin, FaceModule):
         if self.distill_alpha == 1.0 and not self.wants_logits:  # no margin loss: the head would get no gradient,
             self.head.requires_grad_(False)                      # which stalls DDP; keep it out of the optimizer
         self.attach_taps(net, None if teacher.is_onnx else teacher.net)
-        if cache_teacher == "auto":
-            cache_teacher = teacher.is_onnx  # onnxruntime on the CPU dominates the step time
-        if cache_teacher and self.distillers.teacher_layers():
-            raise ConfigError("distill.cache_teacher=true cannot serve teacher layers (the cache keeps outputs only); "
-                              "set distill.cache_teacher=false")
-        self.teacher_cache = TeacherOutputCache() if cache_teacher else None
         if example_input is None:
             example_input = torch.zeros(2, int(self.model_meta.get("in_chans", 3)), *self.input_size)
         self.setup_distillers(example_input, self._student_outputs, self.teacher_outputs, num_samples, num_classes)
@@ -371,23 +320,16 @@ class FaceDistillationModule(DistillationMixin, FaceModule):
         return {"embedding": emb, "logits": self.head(emb)} if self.wants_logits else {"embedding": emb}
 
     def teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The frozen teacher's outputs for `x` (through the content-keyed cache when enabled)."""
-        out = self.teacher_forward(x) if self.teacher_cache is None else self.teacher_cache(x, self.teacher_forward)
+        """The frozen teacher's outputs for `x`: its embedding, and its margin-head logits when a method reads them."""
+        out = self.teacher_forward(x)
         return out if self.wants_logits else {"embedding": out["embedding"]}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, indices = split_batch(batch)
-        db = self.distill_batch(x, y, indices, self._student_outputs, self.teacher_outputs)
+        x, y, indices, views = split_batch(batch)
+        db = self.distill_batch(x, y, indices, self._student_outputs, self.teacher_outputs, views)
         own = self.own_losses(db["student_embedding"], y)
         return self.log_terms(self.mix_losses(own, self.distillation_losses(db), hard_keys=("margin",)),
                               batch_size=y.shape[0])
-
-    def on_train_epoch_end(self) -> None:
-        c = self.teacher_cache
-        if c is not None and c.hits + c.misses:  # share of this epoch's images whose exact view was cached
-            self.log("train/teacher_cache_hit_rate", c.hits / (c.hits + c.misses), sync_dist=True)
-            c.hits = c.misses = 0
-
 
 # ---------------------------------------------------------------------- building from a config
 def _to_dict(node: Any) -> Any:
@@ -459,7 +401,7 @@ def build_face_module(cfg, dm) -> tuple[FaceModule, dict[str, int]]:
     if task.name == "face":
         return FaceModule(net, dm.num_classes, **common), {"network": n_params}
     distill = _to_dict(cfg.distill)
-    host = {k: distill.pop(k) for k in ("alpha", "save_teacher", "cache_teacher", "teacher_cache") if k in distill}
+    host = {k: distill.pop(k) for k in ("alpha", "save_teacher", "teacher_cache") if k in distill}
     distillers = build_distiller_set(distill, task="face")
     enable_sample_indices(dm, distillers)
     t_spec = _to_dict(cfg.teacher)
@@ -468,8 +410,11 @@ def build_face_module(cfg, dm) -> tuple[FaceModule, dict[str, int]]:
     shared = bool(teacher.class_names) and teacher.class_names == list(getattr(dm, "class_names", []) or [])
     module = FaceDistillationModule(
         net, teacher, dm.num_classes, distill=distillers, alpha=host.get("alpha", 0.5),
-        save_teacher=bool(host.get("save_teacher", False)), cache_teacher=host.get("cache_teacher", "auto"),
+        save_teacher=bool(host.get("save_teacher", False)),
         shared_identities=shared, example_input=example, num_samples=len(dm.train_set), **common)
+    apply_teacher_cache(module, dm, _to_dict(cfg.data), host.get("teacher_cache"), int(cfg.seed),
+                        cfg.trainer.get("max_epochs"), teacher_spec=t_spec,
+                        teacher_file=str(teacher.net.path) if teacher.is_onnx else None)
     if teacher.is_onnx:
         from kdx.eval.compare_face import onnx_parameter_count
 

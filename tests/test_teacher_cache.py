@@ -1,0 +1,234 @@
+"""The teacher cache: seeded views, stores that serve exactly what was computed, sharing, damage, and runs."""
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdx.data import SyntheticDataModule
+from kdx.data.tensor_images import TensorImageDataset
+from kdx.data.views import SeededViewDataset, ViewSampler, view_of
+from kdx.distill.cache import (CLAIMED, TeacherCache, _compress, _expand, cache_key, check_cache_config,
+                               teacher_fingerprint)
+from kdx.errors import ConfigError
+from kdx.models import build_model
+
+from conftest import compose_train
+
+
+class CountingTeacher:
+    """logits = a fixed linear map of the image; counts the rows it computes."""
+
+    def __init__(self, width: int = 5, in_features: int = 12):
+        self.weight = torch.randn(in_features, width, generator=torch.Generator().manual_seed(0)) * 3
+        self.rows = 0
+
+    def __call__(self, x):
+        self.rows += x.shape[0]
+        return {"logits": x.flatten(1) @ self.weight}
+
+
+def _batch(indices, views, in_features=12):
+    x = torch.stack([torch.full((in_features,), float(i) + 0.1 * v) * torch.linspace(-1, 1, in_features)
+                     for i, v in zip(indices, views)])
+    return x, torch.tensor(indices), torch.tensor(views)
+
+
+def test_memory_store_serves_hits_and_computes_only_misses():
+    teacher = CountingTeacher()
+    cache = TeacherCache("k", num_samples=10, num_views=3, outputs={"logits": 5}, mode="memory")
+    x, i, v = _batch([0, 1, 2, 3], [0, 0, 1, 2])
+    first = cache(x, i, v, teacher)["logits"]
+    assert teacher.rows == 4 and cache.stats() == {"hits": 0, "misses": 4, "hit_rate": 0.0}
+    torch.testing.assert_close(first, teacher(x)["logits"].half().float())  # fp16 rows, served as float32
+    x2, i2, v2 = _batch([2, 9, 0, 3], [1, 0, 0, 1])  # two stored entries, two new (3 is stored for view 2 only)
+    second = cache(x2, i2, v2, teacher)["logits"]
+    assert teacher.rows == 4 + 4 + 2
+    torch.testing.assert_close(second[0], first[2])
+    torch.testing.assert_close(second[2], first[0])
+    assert cache.hits == 2
+
+
+def test_a_view_beyond_the_store_is_computed_not_stored():
+    teacher = CountingTeacher()
+    cache = TeacherCache("k", num_samples=4, num_views=1, outputs={"logits": 5}, mode="memory")
+    x, i, v = _batch([0, 1], [0, 3])
+    cache(x, i, v, teacher)
+    cache(x, i, v, teacher)
+    assert teacher.rows == 2 + 1  # (0, 0) is served the second time; (1, view 3) is out of range: computed again
+
+
+def test_disk_store_is_shared_by_a_second_job(tmp_path):
+    teacher = CountingTeacher()
+    x, i, v = _batch(list(range(8)), [1] * 8)
+    one = TeacherCache("k", 8, 2, {"logits": 5}, mode="disk", root=tmp_path)
+    served = one(x, i, v, teacher)["logits"]
+    other = TeacherCache("k", 8, 2, {"logits": 5}, mode="disk", root=tmp_path)  # a new process would open the same
+    again = other(x, i, v, teacher)["logits"]
+    assert teacher.rows == 8 and other.hits == 8  # the second job computes nothing
+    torch.testing.assert_close(again, served, rtol=0, atol=0)
+
+
+def test_a_damaged_entry_is_recomputed_never_served(tmp_path):
+    teacher = CountingTeacher()
+    x, i, v = _batch([0, 1, 2], [0, 0, 0])
+    cache = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
+    good = cache(x, i, v, teacher)["logits"]
+    rows = cache.data["logits"]
+    rows[1] = np.float16(1234.0)  # a torn or flipped write: the checksum no longer matches
+    rows.flush()
+    reopened = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
+    before = teacher.rows
+    served = reopened(x, i, v, teacher)["logits"]
+    assert teacher.rows == before + 1  # only the damaged one
+    torch.testing.assert_close(served, good, rtol=0, atol=0)
+
+
+def test_an_abandoned_claim_is_taken_over(tmp_path):
+    teacher = CountingTeacher()
+    cache = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
+    gone = 2 ** 22 + 12345  # no such process
+    cache.state[0], cache.owner[0] = CLAIMED, (gone << 32) | 0
+    x, i, v = _batch([0], [0])
+    cache(x, i, v, teacher)
+    assert teacher.rows == 1 and cache.state[0] == 1
+
+
+def _job(root, order, out):
+    teacher = CountingTeacher()
+    cache = TeacherCache("k", 64, 1, {"logits": 5}, mode="disk", root=root)
+    for start in range(0, 64, 8):
+        idx = order[start:start + 8]
+        x, i, v = _batch(idx, [0] * len(idx))
+        got = cache(x, i, v, teacher)["logits"]
+        torch.testing.assert_close(got, teacher(x)["logits"].half().float())
+        teacher.rows -= len(idx)  # the reference call above is not cache work
+    Path(out).write_text(str(teacher.rows))
+
+
+def test_parallel_jobs_compute_each_entry_once(tmp_path):
+    orders = [list(range(64)), list(range(63, -1, -1))]
+    ctx = mp.get_context("fork")
+    jobs = [ctx.Process(target=_job, args=(tmp_path / "store", o, tmp_path / f"rows{n}")) for n, o in enumerate(orders)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(120)
+        assert j.exitcode == 0
+    rows = [int((tmp_path / f"rows{n}").read_text()) for n in range(2)]
+    assert sum(rows) == 64, rows  # every entry computed by exactly one of the two jobs
+
+
+def test_topk_keeps_the_largest_probabilities_and_spreads_the_rest():
+    row = np.array([2.0, -1.0, 0.5, 3.0, -2.0, 0.0], dtype=np.float32)
+    p = np.exp(row - np.logaddexp.reduce(row))
+    packed = _compress(row, 2)
+    expanded = _expand(packed, 2, 6)
+    q = np.exp(expanded - np.logaddexp.reduce(expanded))
+    assert q[3] == pytest.approx(p[3], rel=1e-6) and q[0] == pytest.approx(p[0], rel=1e-6)
+    rest = (1 - p[3] - p[0]) / 4
+    assert all(q[j] == pytest.approx(rest, rel=1e-5) for j in (1, 2, 4, 5))
+    assert q.sum() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_key_changes_with_teacher_data_seed_and_views():
+    a, b = build_model("cnn_tiny", 4), build_model("cnn_tiny", 4)
+    ha, hb = teacher_fingerprint(a), teacher_fingerprint(b)
+    assert ha == teacher_fingerprint(a) and ha != hb
+    base = dict(teacher_hash=ha, data={"name": "fmnist", "train_subset": None}, seed=0, views=None, topk=None,
+                outputs={"logits": 10})
+    key = cache_key(**base)
+    for change in ({"teacher_hash": hb}, {"data": {"name": "fmnist", "train_subset": 100}}, {"seed": 1},
+                   {"views": 4}, {"topk": 3}):
+        assert cache_key(**{**base, **change}) != key, change
+
+
+def test_cache_settings_are_checked():
+    assert check_cache_config(None)["mode"] == "off" and check_cache_config({"mode": False})["mode"] == "off"
+    with pytest.raises(ConfigError, match="distill.teacher_cache.mode must be off, memory or disk, got 'disc'"):
+        check_cache_config({"mode": "disc"})
+    with pytest.raises(ConfigError, match="distill.teacher_cache.views must be null or an integer >= 1, got 0"):
+        check_cache_config({"mode": "memory", "views": 0})
+    with pytest.raises(ConfigError, match="distill.teacher_cache.size is not a setting"):
+        check_cache_config({"size": 3})
+
+
+def test_seeded_views_rebuild_the_same_augmented_image_anywhere():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (6, 1, 8, 8), dtype=torch.uint8, generator=g)
+    data = SeededViewDataset(TensorImageDataset(images, torch.arange(6), [0.5], [0.25], augment=True), seed=3)
+    x1, y1, i1, v1 = data[(4, 2)]
+    torch.manual_seed(123)  # whatever the caller's generators hold
+    x2, *_ = data[(4, 2)]
+    assert torch.equal(x1, x2) and (y1, i1, v1) == (4, 4, 2)
+    others = [data[(4, v)][0] for v in range(8)]
+    assert len({tuple(o.flatten().tolist()) for o in others}) > 2  # other views are other augmentations
+    state = torch.get_rng_state()
+    data[(1, 0)]
+    assert torch.equal(state, torch.get_rng_state())  # the caller's stream is untouched
+
+
+def test_view_sampler_advances_views_per_epoch_and_shards_ranks():
+    data = list(range(10))
+    s = ViewSampler(data, seed=1, views=None, num_replicas=1, rank=0)
+    s.set_epoch(3)
+    assert {v for _, v in s} == {3} and sorted(i for i, _ in s) == data
+    cyc = ViewSampler(data, seed=1, views=2, num_replicas=1, rank=0)
+    cyc.set_epoch(5)
+    assert {v for _, v in cyc} == {view_of(5, 2)} == {1}
+    ranks = [ViewSampler(data, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(0)
+    shards = [[i for i, _ in r] for r in ranks]
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == data
+
+
+def test_datamodule_gives_views_when_asked():
+    dm = SyntheticDataModule(train_size=16, batch_size=8, seeded_views=True, views=3)
+    dm.setup()
+    x, y, idx, views = next(iter(dm.train_dataloader()))
+    assert x.shape[0] == 8 and views.tolist() == [0] * 8 and len(set(idx.tolist())) == 8
+
+
+def _metrics(run_dir: Path) -> dict:
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return {k: float(v) for r in rows for k, v in r.items() if v and k.startswith("train/teacher_cache")}
+
+
+def test_a_cached_run_gives_the_metrics_of_a_cold_and_an_uncached_one(synthetic_teacher, tmp_path):
+    """Deterministic CPU runs: cold cache == warm cache == cache deleted; no cache differs only by fp16 rounding."""
+    import shutil
+
+    from kdx.train import run_training
+
+    base = ["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "trainer.max_epochs=2",
+            "trainer.progress_bar=none", "trainer.deterministic=true", "data.train_size=128"]
+    cache = [*base, "distill.teacher_cache.mode=disk", f"distill.teacher_cache.dir={tmp_path / 'store'}"]
+    cold = run_training(compose_train(cache), tmp_path / "cold")
+    warm = run_training(compose_train(cache), tmp_path / "warm")
+    shutil.rmtree(tmp_path / "store")
+    again = run_training(compose_train(cache), tmp_path / "again")
+    plain = run_training(compose_train([*base, "+data.seeded_views=true"]), tmp_path / "plain")
+    assert cold["metrics"] == warm["metrics"] == again["metrics"]
+    for key, value in plain["metrics"].items():
+        assert value == pytest.approx(cold["metrics"][key], abs=1e-3), key
+    assert _metrics(tmp_path / "warm")["train/teacher_cache_hit_rate"] == 1.0
+    assert _metrics(tmp_path / "cold")["train/teacher_cache_hit_rate"] == 0.0
+
+
+def test_an_unwritable_cache_folder_falls_back_to_computing(synthetic_teacher, tmp_path):
+    from kdx.train import run_training
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "trainer.max_epochs=1",
+                         "trainer.progress_bar=none", "distill.teacher_cache.mode=disk",
+                         f"distill.teacher_cache.dir={blocked}"])
+    with pytest.warns(UserWarning, match=r"teacher cache folder .*file/\w+ cannot be written.*computed without a cache"):
+        results = run_training(cfg, tmp_path / "run")
+    assert results["status"] == "completed"
