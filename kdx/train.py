@@ -122,9 +122,11 @@ def build_module(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict[str, int
         apply_teacher_cache(module, dm, to_dict(cfg.data), host.get("teacher_cache"), int(cfg.seed),
                             cfg.trainer.get("max_epochs"), teacher_spec=to_dict(cfg.teacher))
         module.channels_last = bool(cfg.trainer.get("channels_last", False))
+        module.compile_networks = bool(cfg.trainer.get("compile", False))
         return module, {"network": count_parameters(net), "teacher": count_parameters(teacher)}
     module = ClassifierModule(net, num_classes, **common)
     module.channels_last = bool(cfg.trainer.get("channels_last", False))
+    module.compile_networks = bool(cfg.trainer.get("compile", False))
     return module, {"network": count_parameters(net)}
 
 

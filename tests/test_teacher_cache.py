@@ -232,3 +232,18 @@ def test_an_unwritable_cache_folder_falls_back_to_computing(synthetic_teacher, t
     with pytest.warns(UserWarning, match=r"teacher cache folder .*file/\w+ cannot be written.*computed without a cache"):
         results = run_training(cfg, tmp_path / "run")
     assert results["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_compile_on_the_cpu_trains_and_keeps_checkpoint_names(synthetic_teacher, tmp_path):
+    """trainer.compile=true: the networks are compiled in place, so checkpoints keep plain parameter names."""
+    from kdx.checkpoints import load_network
+    from kdx.train import run_training
+
+    cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "trainer.max_epochs=1",
+                         "trainer.progress_bar=none", "trainer.compile=true", "data.train_size=128"])
+    results = run_training(cfg, tmp_path / "run")
+    assert results["status"] == "completed"
+    state = torch.load(results["checkpoints"]["best"], weights_only=False)["state_dict"]
+    assert state and not any("_orig_mod" in k for k in state)
+    load_network(results["checkpoints"]["best"])

@@ -4,9 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kdx.data.device_batches import DeviceBatches
+from kdx.data.tensor_images import TensorImageDataset
 from kdx.data.views import SeededViewDataset, ViewSampler
+from kdx.errors import ConfigError
 
 
 class WithIndex(Dataset):
@@ -28,7 +32,7 @@ class KdxDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = True, eval_batch_size: int | None = None, seeded_views: bool = False,
-                 views: int | None = None) -> None:
+                 views: int | None = None, on_device: bool = False) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -47,6 +51,7 @@ class KdxDataModule(pl.LightningDataModule):
         self.seeded_views = bool(seeded_views)
         self.view_count: int | None = int(views) if views else None
         self.view_seed = 0  # the run's seed (set by kdx.train)
+        self.on_device = bool(on_device)  # keep in-memory images on the training device, augment them there
 
     @property
     def num_classes(self) -> int:
@@ -57,6 +62,8 @@ class KdxDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for loaders")
         drop_last = train and len(dataset) > self.batch_size
+        if self.on_device:
+            return self._device_batches(dataset, train, drop_last)
         kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size if train else self.eval_batch_size, drop_last=drop_last,
             num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
@@ -67,6 +74,19 @@ class KdxDataModule(pl.LightningDataModule):
         if train and self.train_indices:
             dataset = WithIndex(dataset)
         return DataLoader(dataset, shuffle=train, **kwargs)
+
+    def _device_batches(self, dataset: Dataset, train: bool, drop_last: bool) -> DeviceBatches:
+        """Resident batches on the trainer's device (data.on_device=true); the views are always seeded."""
+        if not isinstance(dataset, TensorImageDataset):
+            raise ConfigError(f"data.on_device=true needs images held in memory (fmnist, synthetic), but "
+                              f"{type(self).__name__} reads {type(dataset).__name__}; set data.on_device=false")
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and train else (0, 1)
+        return DeviceBatches(dataset.images, dataset.labels, dataset.mean.flatten().tolist(),
+                             dataset.std.flatten().tolist(), self.batch_size if train else self.eval_batch_size,
+                             device=device, train=train, augment=dataset.augment and train, pad=dataset.pad,
+                             seed=self.view_seed, views=self.view_count, drop_last=drop_last, rank=rank, world=world)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -52,6 +52,7 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
         return [(n, p) for n, p in self.net.named_parameters() if not n.startswith(self.head_path + ".")]
 
     channels_last = False  # set True to train in NHWC layout (faster convolutions on GPUs with tensor cores)
+    compile_networks = False  # set True to torch.compile the networks in place at the start of fit (trainer.compile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -59,6 +60,11 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+        if self.compile_networks:  # in place: parameter names, checkpoints and layer taps stay as they are
+            self.net.compile()
+            teacher = getattr(self, "_kdx_teacher", None)
+            if teacher is not None:
+                teacher.compile()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.channels_last and isinstance(batch, (tuple, list)) and batch[0].ndim == 4:

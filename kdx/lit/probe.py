@@ -55,13 +55,13 @@ class LinearProbeModule(pl.LightningModule):
         return F.cross_entropy(logits, y)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]
         loss = self.probe_loss(self(x), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
         return loss
 
     def _eval_step(self, batch, stage: str) -> None:
-        x, y = batch
+        x, y = batch[0], batch[1]
         logits = self(x)
         self.log(f"{stage}/loss", self.probe_loss(logits, y), on_epoch=True, sync_dist=True, batch_size=y.shape[0])
         self.metrics[stage].update(logits, y)
