@@ -247,3 +247,30 @@ def test_compile_on_the_cpu_trains_and_keeps_checkpoint_names(synthetic_teacher,
     state = torch.load(results["checkpoints"]["best"], weights_only=False)["state_dict"]
     assert state and not any("_orig_mod" in k for k in state)
     load_network(results["checkpoints"]["best"])
+
+
+class NumpyAugmented(torch.utils.data.Dataset):
+    """A user dataset whose augmentation draws from numpy's and python's global generators."""
+
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        import random
+
+        return torch.tensor([i + np.random.rand(), random.random()]), i
+
+
+def test_seeded_views_also_seed_python_and_numpy_when_the_dataset_uses_them():
+    data = SeededViewDataset(NumpyAugmented(), seed=0)
+    first = data[(7, 1)][0]
+    np.random.seed(99)
+    import random
+
+    random.seed(5)
+    assert torch.equal(data[(7, 1)][0], first) and data.seed_numpy and data.seed_python
+    assert not torch.equal(data[(7, 2)][0], first)
+    plain = SeededViewDataset(TensorImageDataset(torch.zeros(4, 1, 4, 4, dtype=torch.uint8), torch.arange(4),
+                                                 [0.5], [0.5], augment=True))
+    plain[(0, 0)]
+    assert not plain.seed_numpy and not plain.seed_python  # torch-only augmentation: the cheap path
