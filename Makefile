@@ -34,8 +34,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m "not slow"
 
-bench: $(STAMP)
+bench: $(STAMP) data
 	$(PY) scripts/bench_distill.py
+	$(PY) scripts/bench_cache.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache
