@@ -2,7 +2,8 @@
 
 The methods that use them (and are found by name) live in kdx.distill.
 """
-from kdx.losses.features import attention_map, attention_transfer_loss, fitnet_loss
+from kdx.losses.contrastive import ContrastMemory, crd_loss, crd_nce_loss
+from kdx.losses.features import attention_map, attention_transfer_loss, fitnet_loss, hcl_loss, vid_loss
 from kdx.losses.face import (
     EMBEDDING_LOSSES,
     EmbeddingProjector,
@@ -14,6 +15,7 @@ from kdx.losses.face import (
 )
 from kdx.losses.logits import (bce_soft_loss, check_temperature, dist_loss, dkd_loss, kd_loss, logit_mse_loss,
                                logit_standardize)
+from kdx.losses.relations import pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
 from kdx.losses.margin import MARGIN_HEADS, CombinedMarginHead, arcface_head, cosface_head, margin_loss, normsoftmax
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "margin_loss", "normsoftmax", "relational_kd_loss",
     "attention_map", "attention_transfer_loss", "bce_soft_loss", "check_temperature",
     "dist_loss", "dkd_loss", "fitnet_loss", "kd_loss", "logit_mse_loss", "logit_standardize",
+    "ContrastMemory", "crd_loss", "crd_nce_loss", "hcl_loss", "pkt_loss", "rkd_angle_loss", "rkd_distance_loss",
+    "rkd_loss", "sp_loss", "vid_loss",
 ]
