@@ -68,7 +68,9 @@ TEACHER_CHECK = textwrap.dedent('''
                     "student_in_ddp": all(id(p) in ddp_params for p in module.net.parameters()),
                     "teacher_frozen": not any(p.requires_grad for p in teacher),
                     "teacher_eval": not module.teacher.training, "student_train": module.net.training,
-                    "teacher_grads": any(p.grad is not None for p in teacher)}
+                    "teacher_grads": any(p.grad is not None for p in teacher),
+                    "distillers_in_ddp": all(id(p) in ddp_params for p in module.distillers.parameters()),
+                    "regressor_sum": float(sum(p.detach().double().sum() for p in module.distillers.parameters()))}
             with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
                 json.dump(info, f)
 
@@ -76,8 +78,10 @@ TEACHER_CHECK = textwrap.dedent('''
     dm = SyntheticDataModule(train_size=128, val_size=32, test_size=32, batch_size=32)
     dm.setup("fit")
     teacher = build_model("resnet8", num_classes=4, in_chans=3)
-    module = DistillationModule(build_model("cnn_tiny", num_classes=4, in_chans=3), teacher, 4)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=1,
+    module = DistillationModule(build_model("cnn_tiny", num_classes=4, in_chans=3), teacher, 4,
+                                distill={"method": "kd", "mix": {"fitnet": {"weight": 10.0}}},
+                                example_input=torch.randn(2, 3, 16, 16))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
                          limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[Check()])
     trainer.fit(module, datamodule=dm)
@@ -97,6 +101,9 @@ def test_teacher_is_frozen_and_not_wrapped_by_ddp_on_every_rank(tmp_path: Path) 
         assert info["student_in_ddp"] and not info["teacher_in_ddp"]
         assert info["teacher_frozen"] and info["teacher_eval"] and not info["teacher_grads"]
         assert info["student_train"]
+        assert info["distillers_in_ddp"]  # FitNet's regressor is trained, and synchronised like the student
+    sums = [json.loads((tmp_path / f"rank{rank}.json").read_text())["regressor_sum"] for rank in (0, 1)]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-9)  # identical on both ranks after two synchronised steps
 
 
 @pytest.mark.slow
