@@ -10,6 +10,7 @@ import torch
 
 from kdx.data.base import KdxDataModule
 from kdx.data.tensor_images import TensorImageDataset
+from kdx.data.unlabeled import UNLABELED, keep_labels, load_image_tensor
 from kdx.errors import DataError
 
 CLASS_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
@@ -61,14 +62,20 @@ def locate_fashion_mnist(root: str | None, download: bool) -> Path:
 
 
 class FashionMNISTDataModule(KdxDataModule):
-    """Fashion-MNIST from local IDX files; the 60k training images are split into train and val."""
+    """Fashion-MNIST from local IDX files; the 60k training images are split into train and val.
+
+    `labeled_fraction` keeps the labels of that share of the training images; the rest are dropped, or, with
+    `use_unlabeled`, kept with the label -1 for distillation (as are the images of an `unlabeled` folder).
+    """
 
     def __init__(self, root: str | None = None, download: bool = True, val_size: int = 5000,
                  train_subset: int | None = None, test_subset: int | None = None, augment: bool = True,
-                 seed: int = 0, **loader_kwargs) -> None:
+                 seed: int = 0, labeled_fraction: float | None = None, use_unlabeled: bool = False,
+                 unlabeled: str | None = None, **loader_kwargs) -> None:
         super().__init__(**loader_kwargs)
         self.root, self.download, self.val_size = root, download, int(val_size)
         self.train_subset, self.test_subset = train_subset, test_subset
+        self.labeled_fraction, self.use_unlabeled, self.unlabeled = labeled_fraction, bool(use_unlabeled), unlabeled
         self.augment, self.seed = augment, int(seed)
         self.class_names, self.in_chans, self.image_size = list(CLASS_NAMES), 1, 28
 
@@ -84,8 +91,16 @@ class FashionMNISTDataModule(KdxDataModule):
         val_idx, train_idx = order[: self.val_size], order[self.val_size:]
         if self.train_subset:
             train_idx = train_idx[: int(self.train_subset)]
+        train_images, train_labels = images[train_idx], keep_labels(labels[train_idx], self.labeled_fraction)
+        if not self.use_unlabeled:  # supervised runs see the labelled images only
+            keep = train_labels != UNLABELED
+            train_images, train_labels = train_images[keep], train_labels[keep]
+        if self.unlabeled:  # a folder of extra images, for distillation with the teacher's targets
+            extra = load_image_tensor(self.unlabeled, self.image_size, self.in_chans)
+            train_images = torch.cat([train_images, extra])
+            train_labels = torch.cat([train_labels, torch.full((len(extra),), UNLABELED, dtype=train_labels.dtype)])
         if self.test_subset:
             test_images, test_labels = test_images[: int(self.test_subset)], test_labels[: int(self.test_subset)]
-        self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], MEAN, STD, augment=self.augment)
+        self.train_set = TensorImageDataset(train_images, train_labels, MEAN, STD, augment=self.augment)
         self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], MEAN, STD)
         self.test_set = TensorImageDataset(test_images, test_labels, MEAN, STD)

@@ -81,7 +81,14 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
 
     def supervised_losses(self, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named loss terms of plain supervised training: ce (+ l2sp)."""
-        terms = {"ce": F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)}
+        labeled = y >= 0  # unlabeled images (label -1, kdx.data.unlabeled) count for distillation only
+        if bool(labeled.all()):
+            ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        elif bool(labeled.any()):
+            ce = F.cross_entropy(logits[labeled], y[labeled], label_smoothing=self.label_smoothing)
+        else:
+            ce = logits.sum() * 0.0
+        terms = {"ce": ce}
         reg = self.regularisation()
         if reg is not None:
             terms["l2sp"] = self.l2sp_weight * reg

@@ -110,6 +110,9 @@ class DistillationMixin:
         else:
             teacher_out, teacher_features = self._run(x, teacher_fn, "teacher")
         student_out, student_features = self._run(x, student_fn, "student")
+        if labels is not None and "logits" in teacher_out and bool((labels < 0).any()):
+            # unlabeled images: methods that read labels (DKD) get the teacher's prediction as the label
+            batch["labels"] = torch.where(labels < 0, teacher_out["logits"].argmax(1).to(labels.dtype), labels)
         for role, outputs, features in (("teacher", teacher_out, teacher_features),
                                         ("student", student_out, student_features)):
             for name, value in outputs.items():
