@@ -41,7 +41,7 @@ def build_embedding_model(name: str, embedding_size: int = 512, in_chans: int = 
             if pretrained is True or not Path(str(pretrained)).expanduser().exists():
                 raise ConfigError(f"face model {name!r} has no downloadable weights; set model.pretrained to a local "
                                   f"checkpoint file (got {pretrained!r})")
-            load_weights(model, pretrained)
+            load_weights(model, pretrained, strict=True)  # a face net must take every weight: a wrong arch is an error
     else:
         resolve_source(name)  # raises ModelNotFoundError with suggestions
         model = build_model(name, num_classes=embedding_size, in_chans=in_chans, pretrained=pretrained, **kwargs)
