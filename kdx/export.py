@@ -353,7 +353,10 @@ def export_main(argv: list[str] | None = None) -> int:
     """Console entry `kdx-export CKPT OUT`: export a kdx checkpoint's network to ONNX or TorchScript and check it."""
     p = argparse.ArgumentParser(prog="kdx-export", description=export_main.__doc__)
     p.add_argument("ckpt", help="a checkpoint written by kdx-train (classifier or face run)")
-    p.add_argument("out", help="the file to write (.onnx, or .pt/.ts for TorchScript); <OUT>.json is written beside it")
+    p.add_argument("out", nargs="?", default=None,
+                   help="the file to write (.onnx, or .pt/.ts for TorchScript); <OUT>.json is written beside it")
+    p.add_argument("--onnx", default=None, metavar="OUT", help="write an ONNX export to OUT (with or instead of OUT)")
+    p.add_argument("--torchscript", default=None, metavar="OUT", help="write a TorchScript export to OUT")
     p.add_argument("--format", default=None, help="onnx or torchscript (default: from OUT's ending, else onnx)")
     p.add_argument("--opset", default="17", help="ONNX opset (default 17)")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
@@ -365,7 +368,13 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip running the export against torch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new one is checked)")
     args = p.parse_args(argv)
-    fmt = args.format if args.format is not None else format_for(args.out)
+    jobs = ([(args.out, args.format if args.format is not None else format_for(args.out))] if args.out else []) + \
+        ([(args.onnx, "onnx")] if args.onnx else []) + ([(args.torchscript, "torchscript")] if args.torchscript else [])
+    if not jobs:
+        print("kdx-export: error: name an output: kdx-export CKPT OUT, or --onnx OUT and/or --torchscript OUT",
+              file=sys.stderr)
+        return 2
+    reports = []
     try:
         try:
             opset = int(args.opset)
@@ -377,9 +386,10 @@ def export_main(argv: list[str] | None = None) -> int:
                 tolerances[name] = float(getattr(args, name))
             except ValueError:
                 raise ExportError(f"--{name} must be a number, got {getattr(args, name)!r}") from None
-        report = export_network(args.ckpt, args.out, format=fmt, opset=opset, dynamic_batch=not args.static_batch,
-                                check=not args.no_check, **tolerances, overwrite=args.overwrite,
-                                input_size=args.input_size)
+        for out, fmt in jobs:
+            reports.append(export_network(args.ckpt, out, format=fmt, opset=opset,
+                                          dynamic_batch=not args.static_batch, check=not args.no_check, **tolerances,
+                                          overwrite=args.overwrite, input_size=args.input_size))
     except ExportCheckError as e:
         print(f"kdx-export: error: {e}", file=sys.stderr)
         return 1
@@ -389,16 +399,17 @@ def export_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdx-export: interrupted; nothing was written", file=sys.stderr)
         return 130
-    print(f"wrote {report['out']} ({report['out_bytes']:,} bytes, {report['format']}"
-          + (f", opset {report['opset']}" if report["opset"] is not None else "") + ")")
-    print(f"wrote {report['sidecar']}")
-    if report.get("checked"):
-        line = f"check: max |torch - export| = {report['max_abs_diff']:.3g} (tolerance {report['tolerance']:.3g})"
-        if report.get("agreement") is not None:
-            line += f", top-1 agreement {report['agreement']:.4f}"
-        print(line + f" on batches of {report['batch_sizes']}")
-    else:
-        print("check: skipped (--no-check)")
+    for report in reports:
+        print(f"wrote {report['out']} ({report['out_bytes']:,} bytes, {report['format']}"
+              + (f", opset {report['opset']}" if report["opset"] is not None else "") + ")")
+        print(f"wrote {report['sidecar']}")
+        if report.get("checked"):
+            line = f"check: max |torch - export| = {report['max_abs_diff']:.3g} (tolerance {report['tolerance']:.3g})"
+            if report.get("agreement") is not None:
+                line += f", top-1 agreement {report['agreement']:.4f}"
+            print(line + f" on batches of {report['batch_sizes']}")
+        else:
+            print("check: skipped (--no-check)")
     return 0
 
 

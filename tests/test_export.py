@@ -152,6 +152,17 @@ def test_console_script_exports_and_refuses_an_existing_output(synthetic_teacher
     assert (out.read_bytes(), sidecar_path(out).read_bytes()) == before
 
 
+def test_onnx_and_torchscript_options_write_both(synthetic_teacher, tmp_path, capsys):
+    """`kdx-export CKPT --onnx A --torchscript B`: both written and checked; no output named is an error."""
+    a, b = tmp_path / "s.onnx", tmp_path / "s.pt"
+    assert export_main([str(synthetic_teacher), "--onnx", str(a), "--torchscript", str(b)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {a}" in out and f"wrote {b}" in out and out.count("check: max |torch - export|") == 2
+    assert json.loads(sidecar_path(b).read_text())["format"] == "torchscript"
+    code, err = _error_of(capsys, synthetic_teacher)
+    assert code == 2 and "name an output" in err
+
+
 def _error_of(capsys, *argv):
     code = export_main([str(a) for a in argv])
     err = capsys.readouterr().err
