@@ -137,3 +137,17 @@ def test_unlabeled_images_in_a_supervised_run_are_refused(fmnist_root, tmp_path)
                          "data.num_workers=0", "data.use_unlabeled=true", "data.labeled_fraction=0.5"])
     with pytest.raises(ConfigError, match="data.use_unlabeled / data.unlabeled add images without labels"):
         run_training(cfg, tmp_path / "run")
+
+
+def test_the_fewlabels_pipeline_composes_into_labelled_and_unlabelled_stages():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="pipeline", overrides=["experiment=fmnist_fewlabels", "data.labeled_fraction=0.1"])
+    assert cfg.run_name == "fmnist_fewlabels_0.1"
+    stages = {name: compose_train([*overrides, "data.labeled_fraction=0.1"]) for name, overrides in cfg.pipeline.stages.items()}
+    assert stages["teacher"].task.name == "supervised" and not stages["teacher"].data.use_unlabeled
+    assert stages["student"].task.network == "student" and stages["student"].data.labeled_fraction == 0.1
+    assert stages["kd"].task.name == "distill" and stages["kd"].data.use_unlabeled
