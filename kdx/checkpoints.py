@@ -1,32 +1,140 @@
-"""Rebuild trained networks from kdx checkpoints alone (architecture, classes and weights are all inside)."""
+"""Rebuild trained networks from kdx checkpoints alone (architecture, classes and weights are all inside).
+
+Every checkpoint is read with `torch.load(weights_only=True)` (kdx.io.safe_torch_load): tensors and plain
+Python values only, so a crafted file cannot run code. kdx's own checkpoints are written to load that way:
+`plain_checkpoint` turns their metadata into plain types before each save (see its docstring for why).
+"""
 from __future__ import annotations
 
-from pathlib import Path
+import enum
+from collections import OrderedDict
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdx.errors import CheckpointError
+from kdx.errors import CheckpointError, NonFiniteError
+from kdx.io import safe_torch_load
 from kdx.models import build_model
+
+# Sections of a Lightning checkpoint that only describe the run (what kdx and Lightning record about the
+# module, the datamodule and the network). Lightning copies `save_hyperparameters()` arguments into them
+# as they are, which may be OmegaConf containers, paths, numpy scalars or enums: objects that
+# `weights_only=True` refuses. They are converted to plain values (the information is kept, the class is
+# not). An allow-list of extra safe globals for torch.load was the other option; it was not taken because
+# every reader (kdx-eval, teacher.ckpt, a user's own torch.load) would need the same list.
+METADATA_SECTIONS = ("hyper_parameters", "datamodule_hyper_parameters", "kdx", "hparams_name")
+# Sections that hold training state to resume from. Converting a value there would silently change what
+# a resumed run restores, so a non-plain value is refused at save time instead, naming where it sits.
+STATE_SECTIONS = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+
+
+def to_plain(value: Any) -> Any:
+    """`value` with every container made a dict/list/tuple and every leaf a tensor or a plain scalar."""
+    if isinstance(value, _SCALARS) or isinstance(value, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return value
+    if isinstance(value, enum.Enum):
+        return to_plain(value.value)
+    if isinstance(value, PurePath):
+        return str(value)
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return to_plain(OmegaConf.to_container(value, resolve=True))
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, dict):
+        return {(k if isinstance(k, (str, int, float, bool, type(None))) else str(k)): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [to_plain(v) for v in (sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value.copy()) if value.dtype != object else to_plain(value.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)
+
+
+def _first_non_plain(value: Any, where: str) -> str | None:
+    """The path of the first value weights_only=True would refuse, or None."""
+    if isinstance(value, _SCALARS) or isinstance(value, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return None
+    if isinstance(value, (dict, OrderedDict)) and type(value) in (dict, OrderedDict):
+        for k, v in value.items():
+            found = _first_non_plain(v, f"{where}[{k!r}]")
+            if found:
+                return found
+        return None
+    if type(value) in (list, tuple, set):
+        for i, v in enumerate(value):
+            found = _first_non_plain(v, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return f"{where} ({type(value).__module__}.{type(value).__qualname__})"
+
+
+def plain_metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Make the metadata sections of a checkpoint plain in place (what kdx modules do in on_save_checkpoint,
+    so their checkpoints load with weights_only=True under any Trainer, not only kdx's)."""
+    for key in METADATA_SECTIONS:
+        if key in checkpoint:
+            checkpoint[key] = to_plain(checkpoint[key])
+    return checkpoint
+
+
+def plain_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Make a checkpoint loadable with weights_only=True: metadata made plain, training state checked.
+
+    Raises CheckpointError naming the first value of the training state (optimizer, schedulers, loops,
+    callbacks) that is not a tensor or plain value, because resuming from such a file would need code.
+    """
+    for key in list(checkpoint):
+        if key in METADATA_SECTIONS or key not in ("state_dict", *STATE_SECTIONS):
+            checkpoint[key] = to_plain(checkpoint[key])
+    for key in STATE_SECTIONS:
+        if key in checkpoint:
+            found = _first_non_plain(checkpoint[key], key)
+            if found:
+                raise CheckpointError(f"the checkpoint's {found} is not a tensor or plain value, so the file could "
+                                      f"not be loaded without running code; make that object's state_dict() plain")
+    return checkpoint
+
+
+def check_finite_weights(state_dict: dict[str, Any], where: str = "") -> None:
+    """Raise NonFiniteError naming the first floating-point tensor of `state_dict` holding NaN or inf."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            if not bool(torch.isfinite(value).all()):
+                bad = value.detach().float()
+                kind = "NaN" if bool(torch.isnan(bad).any()) else "inf"
+                raise NonFiniteError(f"weight {name} holds {kind} values{where}, so no checkpoint was written (those "
+                                     f"written before are kept); lower optim.lr or check the data and the loss")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU; a missing or unreadable file is a CheckpointError naming it."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .ckpt written by kdx-train")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated") from e
+    """Load a checkpoint file onto the CPU without running code; a CheckpointError names a missing,
+    unreadable or code-carrying file."""
+    ckpt = safe_torch_load(path, what="checkpoint")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict; "
+                              f"pass a .ckpt written by kdx-train")
+    return ckpt
 
 
 def load_network(path: str | Path, num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(network, kdx metadata) from a kdx checkpoint; checks the number of classes against the data when given."""
     ckpt = read_checkpoint(path)
-    meta = ckpt.get("kdx") if isinstance(ckpt, dict) else None
-    if not meta or "model_name" not in meta:
+    meta = ckpt.get("kdx")
+    if not isinstance(meta, dict) or "model_name" not in meta:
         raise CheckpointError(f"checkpoint {path} was not written by kdx (no 'kdx' section); "
                               f"use teacher.pretrained=PATH for plain weight files")
     if num_classes is not None and int(meta["num_classes"]) != int(num_classes):
@@ -40,3 +148,19 @@ def load_network(path: str | Path, num_classes: int | None = None) -> tuple[nn.M
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks weights for {missing[:3]}...; it does not match {meta['model_name']}")
     return net, meta
+
+
+def check_resume_fits(path: str | Path, module: nn.Module, checkpoint: dict[str, Any] | None = None) -> None:
+    """Raise CheckpointError when the checkpoint to resume from (`checkpoint`, else read from `path`) holds
+    weights of another architecture than `module`."""
+    state = (checkpoint if checkpoint is not None else read_checkpoint(path)).get("state_dict") or {}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        detail = (f"weight {shapes[0]} is {tuple(state[shapes[0]].shape)} there but {tuple(own[shapes[0]].shape)} now"
+                  if shapes else f"it lacks {missing[0]}" if missing else f"it has {unexpected[0]}, which this network lacks")
+        raise CheckpointError(f"cannot resume from {path}: it was written by a different network ({detail}); resume "
+                              f"with the config the run was started with, or start a new run (drop resume=)")
+

@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from kdx.errors import KdxError
+from kdx.errors import KdxError, RunInterrupted
 from kdx.sweep import register_resolvers
 
 register_resolvers()  # ${kdx.run_dir:...} in hydra.run.dir / hydra.sweep.dir (resume=)
@@ -39,16 +39,26 @@ def _is_multirun() -> bool:
 
 
 def _check_overrides(cfg: DictConfig, overrides: list[str]) -> None:
-    """Text given where the defaults hold a number or boolean (distill.temperature=abc) is a ConfigError."""
+    """A `+key` that nothing reads, and text given where the defaults hold a number or boolean
+    (distill.temperature=abc), are ConfigErrors naming the key."""
     from hydra import compose
 
+    from kdx.overrides import check_added_keys
     from kdx.sweep import check_override_types
 
+    check_added_keys(cfg, overrides, CONFIG_DIR)
     dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0] and not o.startswith("hydra.")]
     if not dotted:
         return
     groups = [o for o in overrides if o not in dotted]
-    check_override_types(cfg, compose(config_name="train", overrides=groups), dotted)
+    check_override_types(cfg, compose(config_name="train", overrides=[*_search_path_overrides(), *groups]), dotted)
+
+
+def _search_path_overrides() -> list[str]:
+    """The user's `hydra.searchpath=[...]` (their own config folders), for composing configs again in-process."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return [o for o in HydraConfig.get().overrides.hydra if o.lstrip("+").startswith("hydra.searchpath")]
 
 
 def _name_sweep_job(cfg: DictConfig) -> None:
@@ -72,6 +82,14 @@ def _name_sweep_job(cfg: DictConfig) -> None:
 def _train(cfg: DictConfig) -> float | None:
     """One kdx-train job. A single run exits 2 with one sentence on a KdxError; in a multirun a failed job is
     recorded (results.json status=failed), reported in one line, and the sweep goes on (NaN to the sweeper)."""
+    try:
+        return _train_job(cfg)
+    except BaseException as e:
+        e._kdx_after_composition = True  # not a composition error: _run_hydra_main leaves it as it is
+        raise
+
+
+def _train_job(cfg: DictConfig) -> float | None:
     from kdx.sweep import job_return_value
     from kdx.train import _is_global_zero_process, print_results, run_training
 
@@ -81,7 +99,13 @@ def _train(cfg: DictConfig) -> float | None:
         _check_overrides(cfg, _task_overrides())
         if multirun:
             _name_sweep_job(cfg)
-        results = run_training(cfg, run_dir, _task_overrides(), multirun=multirun)
+        results = run_training(cfg, run_dir, _task_overrides(), multirun=multirun,
+                               resume_command=_sweep_resume_command() if multirun else None)
+    except RunInterrupted as e:
+        print(f"kdx: {e}", file=sys.stderr, flush=True)
+        if multirun:
+            raise KeyboardInterrupt from None  # Ctrl-C stops the whole sweep (train_main says how to resume it)
+        sys.exit(130)
     except Exception as e:
         if not multirun:
             if isinstance(e, KdxError):
@@ -98,12 +122,23 @@ def _train(cfg: DictConfig) -> float | None:
     return job_return_value(results, cfg.get("optimized_metric"))
 
 
+def _sweep_resume_command() -> str:
+    """The command that re-runs this sweep, skipping finished jobs and resuming interrupted ones."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
+    kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "force="))]
+    return " ".join(["kdx-train", *map(shlex.quote, kept), shlex.quote(f"resume={sweep_dir}")])
+
+
 def _record_failure(run_dir: Path, error: BaseException) -> None:
     """Write results.json status=failed for a job that failed before run_training could (bad config)."""
     from kdx.io import RESULTS_FILE, read_results, write_json
 
     previous = read_results(run_dir)
-    if previous and previous.get("status") in ("failed", "completed"):
+    if previous and previous.get("status") in ("failed", "completed", "interrupted"):
         return  # run_training recorded it, or the job is a finished run left untouched
     write_json(run_dir / RESULTS_FILE, {"status": "failed", "error": f"{type(error).__name__}: {error}",
                                         "run_dir": str(run_dir), "overrides": _task_overrides()})
@@ -111,8 +146,18 @@ def _record_failure(run_dir: Path, error: BaseException) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pipeline")
 def _pipeline(cfg: DictConfig) -> None:
+    """kdx-pipeline's task: every stage, then the comparison (see kdx.pipeline)."""
+    try:
+        _pipeline_job(cfg)
+    except BaseException as e:
+        e._kdx_after_composition = True
+        raise
+
+
+def _pipeline_job(cfg: DictConfig) -> None:
     from hydra import compose
 
+    from kdx.overrides import check_added_keys
     from kdx.pipeline import compare_stages, run_pipeline
 
     overrides = _task_overrides()
@@ -121,8 +166,9 @@ def _pipeline(cfg: DictConfig) -> None:
     if uses_wandb and not cfg.logger.wandb.get("group"):  # one W&B group for every stage of the pipeline
         extra = [f"logger.wandb.group={cfg.run_name}"]
     try:
+        check_added_keys(cfg, overrides, CONFIG_DIR)
         summary = run_pipeline(cfg, _run_dir(), overrides,
-                               compose=lambda o: compose(config_name="train", overrides=[*o, *extra]),
+                               compose=lambda o: compose(config_name="train", overrides=[*_search_path_overrides(), *o, *extra]),
                                compare=compare_stages)
         if uses_wandb and (summary.get("comparison") or {}).get("rows"):
             from omegaconf import open_dict
@@ -133,15 +179,50 @@ def _pipeline(cfg: DictConfig) -> None:
                 with open_dict(cfg):
                     cfg.logger.wandb.group = cfg.run_name
             log_comparison_to_wandb(summary["comparison"]["rows"], cfg, _run_dir())
+    except RunInterrupted as e:
+        what = str(e).split("; resume it with:", 1)[0]
+        print(f"kdx: {what}; re-run the same kdx-pipeline command to continue: finished stages are reused and "
+              f"the interrupted one resumes", file=sys.stderr, flush=True)
+        sys.exit(130)
     except KdxError as e:
         _fail(e)
 
 
+def _run_hydra_main(main, config_name: str) -> None:
+    """Run a @hydra.main function; a composition error (misspelled key, unknown option, bad override syntax)
+    becomes one sentence with close matches and exit code 2; Ctrl-C of a sweep says how to resume it.
+
+    HYDRA_FULL_ERROR=1 makes Hydra raise such errors instead of printing its multi-line report, so they can
+    be explained here; errors raised after composition are left as they are.
+    """
+    import os
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except KeyboardInterrupt:
+        from kdx.sweep import current_sweep_dir
+
+        sweep = current_sweep_dir()
+        hint = f"; re-run it with the same command plus resume={sweep} (finished jobs are skipped)" if sweep else ""
+        print(f"kdx: interrupted{hint}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if getattr(e, "_kdx_after_composition", False) or not isinstance(e, (HydraException, OmegaConfBaseException)):
+            raise
+        from kdx.overrides import explain_composition_error
+
+        _fail(explain_composition_error(e, sys.argv[1:], CONFIG_DIR, config_name))
+
+
 def train_main() -> None:
     """kdx-train: one training run (teacher, student, distillation, transfer or probe)."""
-    _train()
+    _run_hydra_main(_train, "train")
 
 
 def pipeline_main() -> None:
     """kdx-pipeline: teacher -> student alone -> student distilled -> comparison."""
-    _pipeline()
+    _run_hydra_main(_pipeline, "pipeline")

@@ -26,3 +26,15 @@ class ModelNotFoundError(KdxError, KeyError):
 
 class RunExistsError(KdxError, FileExistsError):
     """An output folder already holds a finished run."""
+
+
+class RunBusyError(KdxError):
+    """Another live process owns the run folder."""
+
+
+class NonFiniteError(KdxError, FloatingPointError):
+    """A loss, a metric or a weight became NaN or infinite: the run stops instead of reporting it."""
+
+
+class RunInterrupted(KdxError):
+    """The run was stopped by Ctrl-C or SIGTERM; it can be resumed."""

@@ -5,6 +5,7 @@ is never retrained); one with a different config is an error, never overwritten.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,7 +40,11 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[
     forwarded = forwarded_overrides(user_overrides)
     stages: dict[str, dict[str, Any]] = {}
     stage_cfgs: dict[str, DictConfig] = {}
-    for name, stage_overrides in pipe.stages.items():
+    from kdx.progress import format_duration
+
+    started, total = time.monotonic(), len(pipe.stages)
+    for number, (name, stage_overrides) in enumerate(pipe.stages.items(), 1):
+        label = f"stage {number}/{total} {name}"
         overrides = [*stage_overrides, *forwarded]
         if name == teacher_stage and teacher_ckpt:
             stages[name] = {"status": "given", "checkpoints": {"best": str(Path(teacher_ckpt).resolve())}}
@@ -58,13 +63,25 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[
             if previous.get("config_hash") != run_config_hash(stage_cfg):
                 raise RunExistsError(f"{stage_dir} holds a finished {name} run made with a different config; "
                                      f"use another folder (hydra.run.dir=...) or move it away")
-            print(f"[kdx] stage {name}: reusing the finished run in {stage_dir}", flush=True)
+            print(f"[kdx] {label}: reusing the finished run in {stage_dir}", flush=True)
             result = previous
         else:
-            if stage_dir.exists():
-                print(f"[kdx] stage {name}: unfinished run moved to {set_aside(stage_dir, 'incomplete', keep=())}", flush=True)
-            print(f"[kdx] stage {name}: training ({' '.join(overrides)})", flush=True)
+            from kdx.sweep import LAST_CKPT
+
+            resumable = (previous is not None and previous.get("config_hash") == run_config_hash(stage_cfg)
+                         and (stage_dir / LAST_CKPT).is_file())
+            if resumable:  # an interrupted stage with the same config continues from its last finished epoch
+                print(f"[kdx] {label}: resuming the interrupted run in {stage_dir}", flush=True)
+                stage_cfg = stage_cfgs[name] = compose([*overrides, f"resume={stage_dir}"])
+            else:
+                if stage_dir.exists():
+                    print(f"[kdx] {label}: unfinished run moved to {set_aside(stage_dir, 'incomplete', keep=())}",
+                          flush=True)
+                print(f"[kdx] {label}: training ({' '.join(overrides)})", flush=True)
+            stage_start = time.monotonic()
             result = run_training(stage_cfg, stage_dir, overrides)
+            print(f"[kdx] {label}: finished in {format_duration(time.monotonic() - stage_start)} "
+                  f"(pipeline so far {format_duration(time.monotonic() - started)})", flush=True)
         stages[name] = result
         if name == teacher_stage:
             teacher_ckpt = result["checkpoints"]["best"] or result["checkpoints"]["last"]
@@ -102,7 +119,9 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
                                throughput_batch=int(opts.get("throughput_batch", 64)),
                                throughput_runs=int(opts.get("throughput_runs", 5)), threads=opts.get("threads"))
     title = f"{cfg.get('run_name')}: teacher vs student on the test set ({sum(len(b[1]) for b in batches)} images)"
-    extra = {"data": first.data.get("name"), "latency": "CPU, eval mode, median of timed batch-1 passes"}
+    extra = {"data": first.data.get("name"),
+             "latency": "CPU, eval mode, batch 1: median over rounds in which the models take turns (interleaved), "
+                        "interquartile range in brackets"}
     kd = stage_cfgs.get("kd")
     if kd is not None and kd.task.name == "distill":
         distill = kd.distill

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kdx.errors import ConfigError
-from kdx.io import RESULTS_FILE, SET_ASIDE_MARKERS, read_results
+from kdx.io import LOCK_FILE, RESULTS_FILE, SET_ASIDE_MARKERS, read_results
 
 RESUME_CKPT_ENV = "KDX_RESUME_CKPT"  # checkpoint that rank 0 resumes from, inherited by the other ranks
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
@@ -36,9 +36,16 @@ def latest_run(base: str | Path) -> Path | None:
 
 def resolve_run_dir(resume: Any, base: str, stamp: str) -> str:
     """Hydra's run (or sweep) folder: `base/stamp` for a new run, the newest folder under `base` for
-    `resume=true`, or the folder given as `resume=PATH`."""
+    `resume=true`, or the folder given as `resume=PATH`.
+
+    A new run's folder is created here, atomically (kdx.io.create_unique_folder): two runs started in the
+    same second get `base/stamp` and `base/stamp-2` instead of sharing one folder. (The resolver is cached,
+    and Hydra copies the cache into every job of a sweep, so each invocation creates one folder.)
+    """
+    from kdx.io import create_unique_folder
+
     if resume is None or resume is False or str(resume).lower() in ("false", "none", "null", ""):
-        return f"{base}/{stamp}"
+        return str(create_unique_folder(base, str(stamp)))
     if resume is True or str(resume).lower() == "true":
         latest = latest_run(base)
         return str(latest) if latest is not None else f"{base}/{stamp}"
@@ -54,7 +61,7 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-def set_aside(run_dir: Path, tag: str, keep: tuple[str, ...] = (".hydra",)) -> Path:
+def set_aside(run_dir: Path, tag: str, keep: tuple[str, ...] = (".hydra", LOCK_FILE)) -> Path:
     """Move the contents of `run_dir` (except Hydra's files of the current invocation) into a sibling
     folder `<name>.<tag>-<time>`; return that folder. Nothing is deleted."""
     target = run_dir.with_name(f"{run_dir.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -72,6 +79,10 @@ def set_aside(run_dir: Path, tag: str, keep: tuple[str, ...] = (".hydra",)) -> P
 
 # ---------------------------------------------------------------- type checks of overrides
 
+# keys whose default is a boolean but which also take text: `pretrained` is true/false, a weights name or a file
+TEXT_OR_BOOL_KEYS = ("pretrained",)
+
+
 def check_override_types(cfg: DictConfig, reference: DictConfig, overrides: list[str]) -> None:
     """Raise a ConfigError naming key and value when an override gives text where the defaults hold a number
     or a boolean (e.g. distill.temperature=abc)."""
@@ -83,7 +94,7 @@ def check_override_types(cfg: DictConfig, reference: DictConfig, overrides: list
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if expected is None or value is None or isinstance(value, (DictConfig,)) or OmegaConf.is_list(value):
             continue
-        if isinstance(expected, bool) and not isinstance(value, bool):
+        if isinstance(expected, bool) and not isinstance(value, bool) and key.rsplit(".", 1)[-1] not in TEXT_OR_BOOL_KEYS:
             raise ConfigError(f"{key}={raw}: {key} must be true or false, got {value!r}")
         if isinstance(expected, (int, float)) and not isinstance(expected, bool) and isinstance(value, str):
             try:
@@ -118,6 +129,14 @@ def summarize_sweep(sweep_dir: Path, since: float | None = None) -> tuple[list[P
     return done, failed
 
 
+_SWEEP_DIR: Path | None = None  # the folder of the sweep this process runs (set when the multirun starts)
+
+
+def current_sweep_dir() -> Path | None:
+    """The folder of the sweep running in this process, or None outside a multirun."""
+    return _SWEEP_DIR
+
+
 try:
     from hydra.experimental.callback import Callback as _HydraCallback
 except ImportError:  # pragma: no cover - hydra < 1.1
@@ -132,8 +151,10 @@ class SweepSummary(_HydraCallback):
         self._started = time.time()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _SWEEP_DIR
         self._started = time.time()
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        _SWEEP_DIR = sweep_dir
         print(f"[kdx] sweep folder: {sweep_dir}  (to re-run it, skipping finished jobs: add resume={sweep_dir})",
               flush=True)
 

@@ -1,4 +1,4 @@
-"""kdx-eval on a face folder and a .bin file with a pickled torch model."""
+"""kdx-eval on a face folder and a .bin file with an ONNX model and a kdx face checkpoint."""
 import json
 
 import numpy as np
@@ -16,8 +16,14 @@ class MeanColour(torch.nn.Module):
         return x.mean(dim=(2, 3)) + 1.0
 
 
+def export_mean_colour(path) -> None:
+    """MeanColour as an ONNX file (kdx-eval loads models as data: ONNX graphs or kdx checkpoints, never pickles)."""
+    torch.onnx.export(MeanColour(), torch.zeros(1, 3, 8, 8), str(path), dynamo=False, input_names=["images"],
+                      output_names=["embedding"], dynamic_axes={"images": {0: "n", 2: "h", 3: "w"}})
+
+
 def test_eval_cli_folder_and_bin(tmp_path, capsys):
-    torch.save(MeanColour(), tmp_path / "model.pt")
+    export_mean_colour(tmp_path / "model.onnx")
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
     rng = np.random.default_rng(0)
     for i, c in enumerate(colours):
@@ -26,7 +32,7 @@ def test_eval_cli_folder_and_bin(tmp_path, capsys):
             arr = np.clip(np.array(c) + rng.integers(-10, 10, (16, 16, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(tmp_path / "faces" / f"id{i}" / f"{j}.png")
     out = tmp_path / "m.json"
-    assert eval_main([str(tmp_path / "model.pt"), str(tmp_path / "faces"), "--num-pairs", "40",
+    assert eval_main([str(tmp_path / "model.onnx"), str(tmp_path / "faces"), "--num-pairs", "40",
                       "--image-size", "16", "16", "--out", str(out), "--flip"]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["accuracy"] == 1.0 and metrics["auc"] == 1.0
@@ -35,10 +41,12 @@ def test_eval_cli_folder_and_bin(tmp_path, capsys):
     images = images[:, 0, :, None, None].expand(4, 3, 8, 8).repeat(5, 1, 1, 1).contiguous()  # 20 images
     issame = [False] * 10
     write_verification_bin(tmp_path / "v.bin", images, issame)
-    assert eval_main([str(tmp_path / "model.pt"), str(tmp_path / "v.bin"), "--image-size", "8", "8",
+    assert eval_main([str(tmp_path / "model.onnx"), str(tmp_path / "v.bin"), "--image-size", "8", "8",
                       "--folds", "5"]) == 0
     assert eval_main([str(tmp_path / "missing.pt"), str(tmp_path / "v.bin")]) == 2
-    assert isinstance(load_embedding_model(tmp_path / "model.pt"), MeanColour)
+    from kdx.models.onnx_teacher import OnnxEmbeddingModel
+
+    assert isinstance(load_embedding_model(tmp_path / "model.onnx"), OnnxEmbeddingModel)
 
 
 def test_load_kdx_face_checkpoint(tmp_path):

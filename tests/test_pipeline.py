@@ -35,6 +35,8 @@ def test_pipeline_on_jpeg_folders_ends_in_a_comparison_and_reuses_the_teacher(tm
     assert rows["teacher"]["agreement"] == 1.0
     for row in rows.values():
         assert row["macs"] > 0 and row["latency_ms"] > 0 and row["images_per_s"] > 0 and row["size_mb"] > 0
+        assert row["latency_q1_ms"] <= row["latency_ms"] <= row["latency_q3_ms"]  # median of interleaved rounds
+        assert row["latency_rounds"] >= 3
         assert 0.0 <= row["test_acc1"] <= 1.0
     assert rows["teacher"]["test_acc1"] > 0.5  # 3 classes: chance is 1/3
     assert (run / "comparison.md").read_text().startswith("# folder: teacher vs student")
@@ -47,7 +49,7 @@ def test_pipeline_on_jpeg_folders_ends_in_a_comparison_and_reuses_the_teacher(tm
 
     again = run_pipeline(tmp_path)  # finished stages are reused, never retrained or overwritten
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "stage teacher: reusing the finished run" in again.stdout
+    assert "stage 1/3 teacher: reusing the finished run" in again.stdout
     assert teacher_ckpt.stat().st_mtime_ns == stamp
 
     changed = run_pipeline(tmp_path, "distill.temperature=2")

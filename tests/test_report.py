@@ -129,7 +129,7 @@ def test_report_end_to_end(sweep: Path, tmp_path: Path, capsys) -> None:
 
     for name in (f"heatmap_{PAIR_A}.png", f"heatmap_{PAIR_B}.png", "pairs.png"):
         assert is_png(out / name), name
-    assert "Best test/acc1=0.96 (max) in 8" in stdout
+    assert "Best val/acc1=0.97 (max, test/acc1=0.96) in 8" in stdout  # ranked by validation, test beside it
     assert "pair=fmnist_resnet20_cnn_small T=1 alpha=0.5" in stdout
 
     # a second run over its own report overwrites it; the sweep folder itself is untouched
@@ -138,7 +138,8 @@ def test_report_end_to_end(sweep: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_default_out_is_dir_and_mean_over_duplicate_cells(sweep: Path) -> None:
-    report = make_report(sweep, plots=False)
+    assert make_report(sweep, plots=False).metric == "val/acc1"  # the jobs' checkpoint.monitor, never test/
+    report = make_report(sweep, metric="test/acc1", plots=False)
     assert report.out == sweep.resolve() and (sweep / "report.md").is_file()
     assert (report.metric, report.mode) == ("test/acc1", "max")
     grid = tables.cell_grids(report.ranked, report.metric)[PAIR_A]

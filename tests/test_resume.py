@@ -69,9 +69,9 @@ def test_checkpoints_are_written_atomically(tmp_path: Path) -> None:
         def __reduce__(self):
             raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"):
-        io.save_checkpoint({"w": torch.zeros(3), "bad": Exploding()}, path)
-    assert torch.equal(torch.load(path, weights_only=False)["w"], torch.ones(3))  # old one intact
+    with pytest.raises(RuntimeError, match="disk full"):  # fails while pickling the weights
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3), "bad": Exploding()}}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))  # old one intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left behind
 
 
@@ -103,7 +103,7 @@ def test_killed_run_resumes_from_last_checkpoint_and_same_wandb_run(tmp_path: Pa
     proc.wait()
     interrupted = json.loads((run_dir / "results.json").read_text())
     assert interrupted["status"] == "running", "the run finished before it could be killed"
-    epoch_killed = torch.load(last, weights_only=False)["epoch"]
+    epoch_killed = torch.load(last, weights_only=True)["epoch"]
     assert epoch_killed < 2
 
     out = run_cli("kdx-train", *args, f"resume={run_dir}", cwd=tmp_path)

@@ -57,8 +57,12 @@ def test_job_return_value_for_sweepers() -> None:
 
 def test_resume_run_dir_resolution(tmp_path: Path) -> None:
     base = tmp_path / "multirun" / "kd"
-    assert resolve_run_dir(False, str(base), "NOW") == f"{base}/NOW"
     assert resolve_run_dir(True, str(base), "NOW") == f"{base}/NOW"  # nothing to resume yet
+    assert not base.exists()
+    # a new run's folder is created (claimed) as it is resolved; the same stamp again gets a folder of its own
+    assert resolve_run_dir(False, str(base), "2026-01-01_09-00-00") == f"{base}/2026-01-01_09-00-00"
+    assert resolve_run_dir(False, str(base), "2026-01-01_09-00-00") == f"{base}/2026-01-01_09-00-00-2"
+    assert (base / "2026-01-01_09-00-00").is_dir() and (base / "2026-01-01_09-00-00-2").is_dir()
     for name in ("2026-01-01_10-00-00", "2026-01-02_10-00-00", "2026-01-03_10-00-00.replaced-x"):
         (base / name).mkdir(parents=True)
     assert resolve_run_dir(True, str(base), "NOW") == str(base / "2026-01-02_10-00-00")
@@ -87,9 +91,10 @@ def test_unknown_pair_lists_available_pairs(tmp_path: Path) -> None:
     out = run_cli("kdx-train", "-m", "experiment=synthetic/kd", "pair=synthetic_tiny,no_such_pair", cwd=tmp_path)
     assert out.returncode != 0
     text = out.stdout + out.stderr
-    assert "Could not find 'pair/no_such_pair'" in text
-    assert "Available options in 'pair'" in text and "synthetic_tiny" in text and "resnet20_cnn_small" in text
-    assert "Traceback" not in text
+    assert out.returncode == 2
+    assert "kdx: error: pair=synthetic_tiny,no_such_pair: no_such_pair is not an option of the pair group" in text
+    assert "synthetic_tiny" in text and "resnet20_cnn_small" in text  # the available pairs are listed
+    assert "Traceback" not in text and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_ready_sweep_configs_and_launchers_compose() -> None:

@@ -53,11 +53,9 @@ class FaceTransform:
         if isinstance(item, Image.Image):
             img = item
         else:
-            try:
-                img = Image.open(item)
-                img.load()
-            except Exception as e:
-                raise DataError(f"image {item} cannot be read ({e}); remove or re-encode it") from None
+            from kdx.data.images import open_image
+
+            img = open_image(item, f"image {item}")
         img = img.convert("RGB" if self.in_chans == 3 else "L")
         if (img.height, img.width) != self.size:
             img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)

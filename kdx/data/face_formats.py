@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kdx.errors import DataError
+from kdx.io import atomic_write_bytes, atomic_write_text
 
 Pair = tuple[str, str, bool]
 
@@ -27,42 +28,106 @@ Pair = tuple[str, str, bool]
 def _decode_to_array(data: bytes, image_size: tuple[int, int], source: str) -> np.ndarray:
     from PIL import Image
 
-    try:
-        img = Image.open(io.BytesIO(bytes(data)))
-        img.load()
-    except Exception as e:
-        raise DataError(f"{source} is not a readable encoded image ({e}); the .bin file is damaged") from None
-    img = img.convert("RGB")
+    from kdx.data.images import open_image
+
+    img = open_image(data, source, hint="the .bin file is damaged").convert("RGB")
     h, w = image_size
     if (img.height, img.width) != (h, w):
         img = img.resize((w, h), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
+class _BinUnpickler(pickle.Unpickler):
+    """Unpickles what an InsightFace `.bin` holds and nothing else: lists and tuples of byte strings and
+    booleans, written by Python 2 or 3, or numpy arrays of them. Every other global (anything that could
+    run code while loading) is refused with a DataError naming it."""
+
+    _NUMPY = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+              ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+              ("numpy._core.multiarray", "scalar")}
+
+    def __init__(self, file, source: str) -> None:
+        super().__init__(file, encoding="bytes")
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if module in ("builtins", "__builtin__") and name in ("bytearray", "bytes", "bool", "int", "list", "tuple"):
+            return getattr(__import__("builtins"), name)
+        if (module, name) == ("_codecs", "encode"):  # how protocol-2 pickles of Python 3 write bytes
+            return _latin1_encode
+        if (module, name) in self._NUMPY:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        module = "builtins" if module == "__builtin__" else module  # how Python 2 pickles spell it
+        raise DataError(f"{self.source} asks to load the Python object {module}.{name}, which a verification .bin "
+                        f"never holds (only encoded images and issame flags); the file is refused because "
+                        f"loading it could run code")
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """_codecs.encode as pickle protocol 2 uses it for bytes; only the latin-1 form is accepted."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise DataError("a verification .bin asks for a text encoding other than latin-1; the file is refused")
+    return text.encode("latin1")
+
+
+def _as_flags(issame, path: Path) -> list[bool]:
+    if isinstance(issame, np.ndarray):
+        if issame.dtype.kind not in "biu":
+            raise DataError(f"{path} holds issame flags of type {issame.dtype}; expected booleans or 0/1")
+        issame = issame.tolist()
+    try:
+        flags = list(issame)
+    except TypeError:
+        raise DataError(f"{path} must hold (list of encoded images, list of booleans)") from None
+    out = []
+    for x in flags:
+        if isinstance(x, np.generic):
+            x = x.item()
+        if not isinstance(x, (bool, int)) or x not in (0, 1):
+            raise DataError(f"{path} holds an issame flag {x!r}; every flag must be true/false or 0/1")
+        out.append(bool(x))
+    return out
+
+
 def read_verification_bin(path: str | os.PathLike, image_size: Sequence[int] = (112, 112)
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images 2N x 3 x H x W in RGB, bool issame N) from an InsightFace verification `.bin`."""
+    """(uint8 images 2N x 3 x H x W in RGB, bool issame N) from an InsightFace verification `.bin`.
+
+    The pickle is read by a restricted unpickler (see _BinUnpickler): a file asking for anything but byte
+    strings, booleans and numpy arrays is refused without running it.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"verification file {path} does not exist; pass an InsightFace .bin file such as lfw.bin")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _BinUnpickler(f, str(path)).load()
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path} is not a pickled (images, issame) verification file ({type(e).__name__}: {e})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise DataError(f"{path} must hold the pickle of a pair (encoded images, issame list), found {type(obj).__name__}")
     bins, issame = obj
+    issame = _as_flags(issame, path)
     try:
-        bins, issame = list(bins), [bool(x) for x in issame]
+        bins = list(bins)
     except TypeError:
         raise DataError(f"{path} must hold (list of encoded images, list of booleans)") from None
+    if not bins:
+        raise DataError(f"{path} holds no images (an empty verification set); pass a .bin with at least one pair")
     _check_counts(len(bins), len(issame), str(path))
     h, w = int(image_size[0]), int(image_size[1])
     images = np.empty((len(bins), 3, h, w), dtype=np.uint8)
     for i, data in enumerate(bins):
         if isinstance(data, np.ndarray):
+            if data.dtype.kind not in "uiS" or data.dtype.itemsize != 1 and data.dtype.kind != "S":
+                raise DataError(f"image {i} of {path} is an array of {data.dtype}, not encoded image bytes")
             data = data.tobytes()
+        if not isinstance(data, (bytes, bytearray)):
+            raise DataError(f"image {i} of {path} is a {type(data).__name__}, not encoded image bytes")
         images[i] = _decode_to_array(data, (h, w), f"image {i} of {path}").transpose(2, 0, 1)
     return torch.from_numpy(images), torch.tensor(issame, dtype=torch.bool)
 
@@ -99,8 +164,7 @@ def write_verification_bin(path: str | os.PathLike, images_or_encoded, issame: S
         buf = io.BytesIO()
         Image.fromarray(arr).convert("RGB").save(buf, format="JPEG", quality=quality)
         bins.append(buf.getvalue())
-    with open(path, "wb") as f:
-        pickle.dump((bins, issame), f, protocol=4)
+    atomic_write_bytes(path, pickle.dumps((bins, issame), protocol=4))
 
 
 # --------------------------------------------------------------------------- pairs files
@@ -132,6 +196,8 @@ def read_lfw_pairs(path: str | os.PathLike, root: str | os.PathLike | None = Non
             pairs.append((image(toks[0], toks[1]), image(toks[2], toks[3]), False))
         else:
             raise DataError(f"{path} line {lineno} is neither `name i j` nor `name1 i name2 j`: {' '.join(toks)!r}")
+    if not pairs:
+        raise DataError(f"pairs file {path} lists no pairs; it needs `name i j` / `name1 i name2 j` lines")
     if check_exists:
         _check_pair_files(pairs, path)
     return pairs
@@ -160,6 +226,8 @@ def read_pairs_file(path: str | os.PathLike, root: str | os.PathLike | None = No
             raise DataError(f"{path} line {lineno} is not `path_a<TAB>path_b<TAB>0|1`: {line!r}")
         a, b = (str(root / t) if not os.path.isabs(t) else t for t in toks[:2])
         pairs.append((a, b, toks[2].strip() == "1"))
+    if not pairs:
+        raise DataError(f"pairs file {path} lists no pairs; it needs `path_a<TAB>path_b<TAB>0|1` lines")
     if check_exists:
         _check_pair_files(pairs, path)
     return pairs
@@ -177,7 +245,7 @@ def write_pairs_file(path: str | os.PathLike, pairs: Sequence[Pair], root: str |
         if "\t" in a or "\t" in b:
             raise DataError(f"image path {a!r} or {b!r} contains a TAB and cannot be written to {path}")
         lines.append(f"{a}\t{b}\t{int(bool(same))}\n")
-    path.write_text("".join(lines))
+    atomic_write_text(path, "".join(lines))
 
 
 def load_pairs(path: str | os.PathLike, root: str | os.PathLike | None = None, check_exists: bool = True) -> list[Pair]:

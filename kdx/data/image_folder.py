@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from kdx.data.base import KdxDataModule
+from kdx.data.images import open_image
 from kdx.data.transforms import build_transforms
 from kdx.errors import DataError
 
@@ -20,18 +21,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 def load_image(path: str | Path, in_chans: int = 3) -> Image.Image:
     """Open an image fully as RGB (or L for 1-channel models); grayscale, RGBA and palette become RGB."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "P" or img.mode == "PA":
-                img = img.convert("RGBA")
-            if img.mode in ("RGBA", "LA"):  # composite on white, so transparent pixels are not black
-                bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(bg, img.convert("RGBA"))
-            return img.convert("L" if in_chans == 1 else "RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path} ({e}); replace or delete the file, "
-                        f"or set data.bad_images=skip to skip unreadable files") from e
+    img = open_image(path, f"image {path}", hint="replace or delete the file, or set data.bad_images=skip to "
+                                               "skip unreadable files")
+    with img:
+        if img.mode == "P" or img.mode == "PA":
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA"):  # composite on white, so transparent pixels are not black
+            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, img.convert("RGBA"))
+        return img.convert("L" if in_chans == 1 else "RGB")
 
 
 def scan_class_folders(root: Path) -> dict[str, list[Path]]:

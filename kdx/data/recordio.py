@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import struct
 import sys
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdx.data.images import open_image
 from kdx.errors import DataError
 
 MAGIC = 0xCED7230A
@@ -115,6 +117,13 @@ class RecordIOWriter:
             self._keys.add(key)
             self._idx.write(f"{int(key)}\t{offset}\n")
         return offset
+
+    def sync(self) -> None:
+        """Flush both files to disk (before they are renamed into place)."""
+        for f in (self._rec, self._idx):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
 
     def close(self) -> None:
         """Flush and close the files."""
@@ -244,14 +253,16 @@ class RecordIOReader:
 
 def decode_image(data: bytes, source: str = "image") -> "PIL.Image.Image":  # noqa: F821
     """Decode JPEG/PNG/... bytes into an RGB PIL image, or raise a DataError naming `source`."""
-    from PIL import Image
+    return open_image(data, source).convert("RGB")
 
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:  # PIL raises several types
-        raise DataError(f"{source} is not a readable image ({e}); re-encode or remove it") from None
-    return img.convert("RGB")
+
+def _whole_number(value, source: str, what: str) -> int:
+    """`value` as a non-negative int, or a DataError naming `source` when it is NaN, infinite, fractional or negative."""
+    value = float(value)
+    if not math.isfinite(value) or value != int(value) or value < 0:
+        raise DataError(f"{source} has {what} {value!r}, which is not a whole number >= 0; the .rec file is damaged "
+                        f"or was not written for kdx/InsightFace (repack it with kdx-pack)")
+    return int(value)
 
 
 def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -279,16 +290,26 @@ class RecordFaceDataset(Dataset):
         self.num_classes, self.height, self.width = read_property(prop) if prop.is_file() else (None, None, None)
         header0, _ = unpack_header(self.reader.read(0)) if 0 in self.reader.offsets else (None, b"")
         if header0 is not None and header0.flag > 0:
-            self.keys = list(range(1, int(header0.label[0])))
+            end = _whole_number(header0.label[0], f"the header record (key 0) of {self.reader.rec_path}",
+                                "the first identity record's key")
+            self.keys = list(range(1, end))
         else:
             self.keys = sorted(self.reader.keys)  # no InsightFace header record: every record is an image
         if self.num_classes is None:
             self.num_classes = 1 + max(int(self._label(k)) for k in self.keys) if self.keys else 0
 
+    def _label_of(self, header: IRHeader, key: int) -> int:
+        """The record's identity label, checked: a whole number in [0, num_classes)."""
+        label = _whole_number(header.label if header.flag == 0 else header.label[0],
+                              f"record {key} of {self.reader.rec_path}", "its identity label")
+        if self.num_classes is not None and label >= self.num_classes:
+            raise DataError(f"record {key} of {self.reader.rec_path} has identity label {label}, but the property "
+                            f"file says there are {self.num_classes} identities; repack the dataset (kdx-pack)")
+        return label
+
     def _label(self, key: int) -> int:
         header, _ = unpack_header(self.reader.read(key))
-        label = header.label
-        return int(label if header.flag == 0 else label[0])
+        return self._label_of(header, key)
 
     def __len__(self) -> int:
         """Number of images."""
@@ -298,7 +319,7 @@ class RecordFaceDataset(Dataset):
         """(image tensor, identity label)."""
         key = self.keys[index]
         header, data = unpack_header(self.reader.read(key))
-        label = int(header.label if header.flag == 0 else header.label[0])
+        label = self._label_of(header, key)
         img = decode_image(data, f"record {key} of {self.reader.rec_path}")
         if self.transform is not None:
             return self.transform(img), label
@@ -324,8 +345,14 @@ def list_identity_folder(folder: str | os.PathLike, extensions: Sequence[str] = 
 
 def pack_identity_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, quality: int = 95,
                          image_size: Sequence[int] | None = None) -> dict[str, int]:
-    """Write train.rec/train.idx/property (InsightFace layout) from one-subfolder-per-identity images."""
+    """Write train.rec/train.idx/property (InsightFace layout) from one-subfolder-per-identity images.
+
+    The three files are written under temporary names and renamed into place only once all are complete:
+    a pack that fails (an unreadable image, a full disk, a kill) leaves a dataset already in `out_dir` as it was.
+    """
     from PIL import Image
+
+    from kdx.io import fsync_dir, temporary_path
 
     identities = list_identity_folder(folder)
     out_dir = Path(out_dir)
@@ -334,30 +361,40 @@ def pack_identity_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, 
     id_start = num_images + 1
     id_end = id_start + len(identities)
     size_seen: tuple[int, int] | None = tuple(image_size) if image_size else None  # (h, w)
-    with RecordIOWriter(out_dir / "train.rec", out_dir / "train.idx") as w:
-        w.write(pack_header(IRHeader(2, [id_start, id_end], 0, 0)), key=0)
-        key = 1
-        ranges = []
-        for label, (_name, paths) in enumerate(identities.items()):
-            first = key
-            for p in paths:
-                try:
-                    img = Image.open(p).convert("RGB")
-                except Exception as e:
-                    raise DataError(f"image {p} cannot be read ({e}); remove or re-encode it") from None
-                if size_seen is None:
-                    size_seen = (img.height, img.width)
-                if (img.height, img.width) != size_seen:
-                    img = img.resize((size_seen[1], size_seen[0]), Image.BILINEAR)
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=quality)
-                w.write(pack_header(IRHeader(0, float(label), key, 0), buf.getvalue()), key=key)
-                key += 1
-            ranges.append((first, key))
-        for i, (a, b) in enumerate(ranges):
-            w.write(pack_header(IRHeader(2, [a, b], 0, 0)), key=id_start + i)
-    h, wdt = size_seen or (112, 112)
-    (out_dir / "property").write_text(f"{len(identities)},{h},{wdt}\n")
+    final = {name: out_dir / name for name in ("train.rec", "train.idx", "property")}
+    tmp = {name: temporary_path(path) for name, path in final.items()}
+    try:
+        with RecordIOWriter(tmp["train.rec"], tmp["train.idx"]) as w:
+            w.write(pack_header(IRHeader(2, [id_start, id_end], 0, 0)), key=0)
+            key = 1
+            ranges = []
+            for label, (_name, paths) in enumerate(identities.items()):
+                first = key
+                for p in paths:
+                    img = open_image(p, f"image {p}").convert("RGB")
+                    if size_seen is None:
+                        size_seen = (img.height, img.width)
+                    if (img.height, img.width) != size_seen:
+                        img = img.resize((size_seen[1], size_seen[0]), Image.BILINEAR)
+                    buf = io.BytesIO()
+                    img.save(buf, format="JPEG", quality=quality)
+                    w.write(pack_header(IRHeader(0, float(label), key, 0), buf.getvalue()), key=key)
+                    key += 1
+                ranges.append((first, key))
+            for i, (a, b) in enumerate(ranges):
+                w.write(pack_header(IRHeader(2, [a, b], 0, 0)), key=id_start + i)
+            w.sync()
+        h, wdt = size_seen or (112, 112)
+        with open(tmp["property"], "w") as f:
+            f.write(f"{len(identities)},{h},{wdt}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for name in ("train.rec", "train.idx", "property"):  # the index and property follow the data they describe
+            os.replace(tmp[name], final[name])
+        fsync_dir(out_dir)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
     return {"num_images": num_images, "num_classes": len(identities), "height": h, "width": wdt}
 
 
@@ -374,6 +411,10 @@ def pack_main(argv: list[str] | None = None) -> int:
         info = pack_identity_folder(args.folder, args.out_dir, quality=args.quality, image_size=args.image_size)
     except DataError as e:
         print(f"kdx-pack: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or missing output folder: nothing was replaced
+        print(f"kdx-pack: error: cannot write {args.out_dir} ({e.strerror or e}); nothing in it was changed",
+              file=sys.stderr)
         return 2
     print(f"wrote {info['num_images']} images of {info['num_classes']} identities "
           f"({info['height']}x{info['width']}) to {args.out_dir}")

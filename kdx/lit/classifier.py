@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdx.checkpoints import plain_metadata
 from kdx.lit.terms import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.models import find_head
@@ -129,3 +130,4 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # enough to rebuild the trained network from the checkpoint alone (kdx.checkpoints.load_network)
         checkpoint["kdx"] = {**self.model_meta, "network_prefix": "net.", "num_classes": self.num_classes}
+        plain_metadata(checkpoint)  # loadable with weights_only=True (kdx.checkpoints)

@@ -19,6 +19,7 @@ from kdx.errors import CheckpointError, ConfigError, DataError, KdxError
 from kdx.eval.verification import VerificationMetric, far_key
 from kdx.distill import DistillerSet, build_distiller_set, enable_sample_indices
 from kdx.lit.distill import DistillationMixin, apply_teacher_cache, split_batch
+from kdx.checkpoints import plain_metadata
 from kdx.lit.terms import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.losses.margin import CombinedMarginHead, margin_loss
@@ -189,6 +190,7 @@ class FaceModule(LossTermsMixin, pl.LightningModule):
                              "margin": dict(self.margin_cfg),
                              "class_names": list(self.model_meta.get("class_names") or [])}
         checkpoint["kdx"]["embedding_model"].pop("class_names", None)
+        plain_metadata(checkpoint)  # loadable with weights_only=True (kdx.checkpoints)
 
 
 def batch_idx_is_last(batch_idx: int, num_batches: float | int) -> bool:

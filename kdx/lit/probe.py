@@ -10,11 +10,13 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdx.errors import ConfigError
+from kdx.checkpoints import plain_metadata
 from kdx.lit.optim import configure_optimization
+from kdx.lit.terms import LossTermsMixin
 from kdx.models import penultimate_features
 
 
-class LinearProbeModule(pl.LightningModule):
+class LinearProbeModule(LossTermsMixin, pl.LightningModule):
     """Fit `Linear(features, classes)` with sigmoid + BCE (one-vs-rest) or softmax + CE; the teacher never changes."""
 
     def __init__(self, teacher: nn.Module, num_classes: int, num_features: int, loss: str = "bce",
@@ -57,6 +59,7 @@ class LinearProbeModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         loss = self.probe_loss(self(x), y)
+        self.check_finite_terms({"probe": loss}, loss)  # a NaN/inf loss stops the run (kdx.lit.terms)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
         return loss
 
@@ -75,3 +78,6 @@ class LinearProbeModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimization(self, [{"params": list(self.head.parameters())}], self.optim_cfg)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        plain_metadata(checkpoint)  # loadable with weights_only=True (kdx.checkpoints)

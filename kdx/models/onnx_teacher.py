@@ -146,7 +146,7 @@ class OnnxEmbeddingModel(nn.Module):
                                       "(CUDAExecutionProvider is not available); set the ONNX teacher device to cpu")
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             opts = ort.SessionOptions()
-            opts.log_severity_level = 3
+            opts.log_severity_level = 4  # run errors reach the user as one DataError (see _run), not as log lines
             try:
                 self._session = ort.InferenceSession(self._model_bytes, opts, providers=providers)
             except Exception as e:
@@ -162,7 +162,13 @@ class OnnxEmbeddingModel(nn.Module):
             real = part.shape[0]
             if real < chunk:  # pad a short last chunk to the fixed batch size
                 part = np.concatenate([part, np.zeros((chunk - real,) + part.shape[1:], part.dtype)])
-            out = self.session.run([self.output_name], {self.input_name: part})[0]
+            try:
+                out = self.session.run([self.output_name], {self.input_name: part})[0]
+            except Exception as e:  # onnxruntime: a shape or type the graph cannot take
+                detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise DataError(f"ONNX model {self.path} cannot run on input of shape {tuple(part.shape)} ({detail}); "
+                                f"give it the input size it was exported for (kdx-eval --image-size H W, or "
+                                f"teacher.preprocess.input_size)") from None
             outs.append(np.asarray(out).reshape(chunk, -1)[:real])
         return np.concatenate(outs).astype(np.float32)
 

@@ -60,7 +60,8 @@ def _split_source(name: str) -> tuple[str | None, str]:
 
 
 def resolve_source(name: str) -> tuple[str, str]:
-    """Which registry builds `name` (kdx first, then torchvision, then timm), or a ModelNotFoundError."""
+    """Which registry builds `name` (kdx first, then torchvision, then timm, then an import path of the user's
+    own module, `pkg.mod:Class`), or a ModelNotFoundError."""
     source, bare = _split_source(name)
     if source in (None, "kdx") and bare in _KDX_MODELS:
         return "kdx", bare
@@ -71,6 +72,11 @@ def resolve_source(name: str) -> tuple[str, str]:
 
         if timm.is_model(bare):
             return "timm", bare
+    if source is None:  # a model class of the user's own module: my_pkg.nets:TinyNet
+        from kdx.models.custom import find_user_model
+
+        if find_user_model(name, _KDX_MODELS) is not None:
+            return "import", name
     candidates = list(dict.fromkeys(sorted(_KDX_MODELS) + _torchvision_names() + _timm_names()))
     close = difflib.get_close_matches(bare, candidates, n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else "; run `python -m kdx.models` to list them"
@@ -123,20 +129,43 @@ def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no 3-channel input convolution to adapt to {in_chans} channels")
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> nn.Module:
-    """Load a state dict, a kdx/Lightning checkpoint or a whole pickled model from a local file."""
+def read_weights_file(path: str | Path) -> dict[str, Any]:
+    """The tensors of a local weights file (.safetensors, a state dict, or a kdx/Lightning checkpoint), read
+    without running code: torch files load with weights_only=True, so a pickled whole model is refused."""
+    from kdx.io import safe_torch_load
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist; pass an existing checkpoint path")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    prefix = obj.get("kdx", {}).get("network_prefix", "net.") if isinstance(obj, dict) else "net."
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:  # pragma: no cover - timm depends on safetensors
+            raise CheckpointError(f"reading {path} needs the safetensors package; pip install safetensors") from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"weights file {path} is not a readable .safetensors file ({e})") from None
+    obj = safe_torch_load(path, what="weights file")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"weights file {path} holds a {type(obj).__name__}, not a state dict; save "
+                              f"model.state_dict() instead")
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> nn.Module:
+    """Load a state dict, a kdx/Lightning checkpoint or a .safetensors file into `model` (tensors only)."""
+    path = Path(path).expanduser()
+    obj = read_weights_file(path)
+    state = obj.get("state_dict", obj)
+    meta = obj.get("kdx")
+    prefix = meta.get("network_prefix", "net.") if isinstance(meta, dict) else "net."
+    if not isinstance(state, dict):
+        raise CheckpointError(f"weights file {path} has a state_dict entry that is not a dict of tensors")
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable = {k: v for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape}
     if strict and len(usable) != len(own):
         missing = sorted(set(own) - set(usable))[:5]
         raise CheckpointError(f"weights file {path} does not fit the model (first missing keys: {missing})")
@@ -161,16 +190,34 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, pretrained: bool
         import torchvision
 
         if hub:
+            from kdx.models.hub import fetch_pretrained, torchvision_source
+
             weights = "DEFAULT" if pretrained is True else str(pretrained)
-            model = torchvision.models.get_model(bare, weights=weights, **kwargs)
+            model = fetch_pretrained(name, torchvision_source(bare, weights),
+                                     lambda: torchvision.models.get_model(bare, weights=weights, **kwargs))
             model = replace_head(model, num_classes)
         else:
             model = torchvision.models.get_model(bare, weights=None, num_classes=num_classes, **kwargs)
         model = adapt_in_chans(model, in_chans)
+    elif source == "import":
+        from kdx.models.custom import build_user_model, find_user_model
+
+        if hub:
+            raise ModelNotFoundError(f"model {bare!r} of your own module has no downloadable weights; set pretrained "
+                                     f"to a local weights file")
+        model = build_user_model(bare, find_user_model(bare, _KDX_MODELS), num_classes, in_chans, **kwargs)
     else:
         import timm
 
-        model = timm.create_model(bare, pretrained=hub, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        def create():
+            return timm.create_model(bare, pretrained=hub, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+        if hub:
+            from kdx.models.hub import fetch_pretrained, timm_source
+
+            model = fetch_pretrained(name, timm_source(bare), create)
+        else:
+            model = create()
     if local_path is not None:
         load_weights(model, local_path)
         if find_head(model)[1].out_features != num_classes:

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdx.errors import KdxError
+from kdx.io import atomic_write_text
 from kdx.report import tables
+from kdx.report.escape import terminal_text
 from kdx.report.collect import JobRecord, collect_jobs
 
 REPORT_MD = "report.md"
@@ -27,6 +29,7 @@ class Report:
     failed: list[JobRecord]
     summary: str
     files: list[Path] = field(default_factory=list)
+    note: str | None = None  # a warning about the choice of metric (ranking by a test metric)
 
     @property
     def best(self) -> JobRecord | None:
@@ -44,15 +47,23 @@ def _check_ours(path: Path, is_ours) -> None:
 
 def make_report(
     root: str | Path, metric: str | None = None, mode: str | None = None,
-    out: str | Path | None = None, plots: bool = True,
+    out: str | Path | None = None, plots: bool = True, baselines: list[str | Path] | None = None,
 ) -> Report:
-    """Collect the jobs under `root`, rank them and write report.md, report.csv and the PNGs into `out`."""
+    """Collect the jobs under `root`, rank them and write report.md, report.csv and the PNGs into `out`.
+
+    `baselines`: run folders (or folders of runs) of the student trained alone, compared with in the heatmaps;
+    student-alone runs under `root` are found without it."""
     jobs = collect_jobs(root)
     root = Path(root).expanduser().resolve()
     metric = tables.choose_metric(jobs, metric, root)
     mode = tables.choose_mode(jobs, metric, mode)
     ranked, failed = tables.rank_jobs(jobs, metric, mode)
     grids = tables.cell_grids(ranked, metric)
+    extra = [job for folder in baselines or [] for job in collect_jobs(folder)]
+    if baselines and not any(tables.is_student_alone(j) for j in extra):
+        raise KdxError(f"--baseline {' '.join(str(b) for b in baselines)} holds no finished student-alone run "
+                       f"(task=supervised, task.network=student); pass the run folder of one.")
+    tables.attach_baselines(grids, ranked + extra, metric)
     pairs = tables.best_per_pair(ranked, metric)
 
     out = Path(out).expanduser() if out is not None else root
@@ -84,12 +95,10 @@ def make_report(
         written.append(plot_mod.pairs_png(pairs, metric, mode, pngs["pairs"]))
     tables.write_csv(csv_path, ranked, failed, metric)
     images = {key: path.name for key, path in pngs.items()}
-    md_path.write_text(
-        tables.render_markdown(root, ranked, failed, metric, mode, grids, pairs, images) + "\n",
-        encoding="utf-8",
-    )
+    atomic_write_text(md_path, tables.render_markdown(root, ranked, failed, metric, mode, grids, pairs, images) + "\n")
     summary = tables.summary_line(ranked, failed, metric, mode)
-    return Report(root, out, metric, mode, ranked, failed, summary, [md_path, csv_path, *written])
+    return Report(root, out, metric, mode, ranked, failed, summary, [md_path, csv_path, *written],
+                  note=tables.test_metric_note(metric))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,14 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("dir", metavar="DIR", help="run or multirun folder holding results.json files")
     parser.add_argument("--metric", default=None,
-                        help="metric to rank by (default: test/acc1 if most jobs have it, "
-                             "else the jobs' monitor.metric, else the first metric found)")
+                        help="metric to rank by (default: the validation metric that picked each job's "
+                             "checkpoint, best_<checkpoint.monitor>, e.g. best_val/acc1; test metrics are shown "
+                             "next to it: ranking by one would fit the hyper-parameters to the test set)")
     parser.add_argument("--mode", choices=tables.MODES, default=None,
                         help="max: higher is better, min: lower is better "
                              "(default: the jobs' monitor.mode, else min for loss/error metrics)")
     parser.add_argument("--out", default=None, metavar="OUT",
                         help="folder for report.md, report.csv and the PNGs (default: DIR)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--baseline", nargs="+", default=None, metavar="RUN",
+                        help="run folder(s) of the student trained alone (e.g. outputs/fmnist_student/<time>), "
+                             "shown in each heatmap of that student; student-alone runs under DIR are found anyway")
     return parser
 
 
@@ -116,7 +129,8 @@ def report_main(argv: list[str] | None = None) -> int:
     """Entry point of `kdx-report`; returns 0, or 2 after printing a one-sentence error on stderr."""
     args = build_parser().parse_args(argv)
     try:
-        report = make_report(args.dir, args.metric, args.mode, args.out, plots=not args.no_plots)
+        report = make_report(args.dir, args.metric, args.mode, args.out, plots=not args.no_plots,
+                             baselines=args.baseline)
     except KdxError as exc:
         print(f"kdx-report: error: {exc}", file=sys.stderr)
         return 2
@@ -124,7 +138,9 @@ def report_main(argv: list[str] | None = None) -> int:
 
     console = Console()
     tables.print_rich(report.ranked, report.failed, report.metric, console)
-    print(report.summary)
+    print(terminal_text(report.summary))  # job folders and overrides may hold control sequences
+    if report.note:
+        print(f"kdx-report: note: {report.note}.", file=sys.stderr)
     print(f"Wrote {', '.join(p.name for p in report.files)} to {report.out}")
     return 0
 

@@ -60,37 +60,52 @@ def _save(fig, path: Path) -> Path:
 
 
 def heatmap_png(grid: Grid, metric: str, mode: str, path: Path) -> Path:
-    """Write a heatmap of `grid` (rows: temperature, columns: alpha) with every cell annotated."""
+    """Write a heatmap of `grid` (rows: temperature, columns: alpha) with every cell annotated; with a
+    student-alone baseline, each cell also shows its difference to it and the colour bar marks it."""
     import numpy as np
 
     data = np.array([[np.nan if v is None else v for v in row] for row in grid.means], dtype=float)
-    fig = _figure(1.6 + 1.1 * len(grid.alphas), 1.4 + 0.7 * len(grid.temperatures))
+    fig = _figure(2.6 + 1.1 * len(grid.alphas), 1.8 + 0.8 * len(grid.temperatures))
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis" if mode == "max" else "viridis_r"].with_extremes(bad="#dddddd")
-    masked = np.ma.masked_invalid(data)
-    image = ax.imshow(masked, cmap=cmap, aspect="auto", origin="lower")
-    fig.colorbar(image, ax=ax, label=metric)
     finite = data[np.isfinite(data)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    base = grid.baseline.value if grid.baseline is not None else None
+    masked = np.ma.masked_invalid(data)
+    if base is None:
+        cmap = colormaps["viridis" if mode == "max" else "viridis_r"].with_extremes(bad="#dddddd")
+        image = ax.imshow(masked, cmap=cmap, aspect="auto", origin="lower")
+        fig.colorbar(image, ax=ax, label=metric)
+        shade = lambda v: 0.5 if hi == lo else (v - lo) / (hi - lo)  # noqa: E731
+        dark = lambda v: (shade(v) if mode == "max" else 1 - shade(v)) <= 0.6  # noqa: E731
+    else:  # diverging around the student alone: green cells beat it, red ones do not
+        from matplotlib.colors import TwoSlopeNorm
+
+        margin = max(hi - lo, abs(hi - base), abs(base - lo), 1e-6) * 0.05
+        norm = TwoSlopeNorm(vcenter=base, vmin=min(lo, base - margin), vmax=max(hi, base + margin))
+        cmap = colormaps["RdYlGn" if mode == "max" else "RdYlGn_r"].with_extremes(bad="#dddddd")
+        image = ax.imshow(masked, cmap=cmap, norm=norm, aspect="auto", origin="lower")
+        bar = fig.colorbar(image, ax=ax, label=metric)
+        bar.ax.axhline(base, color="black", linewidth=1.5)
+        dark = lambda v: abs(norm(v) - 0.5) > 0.35  # noqa: E731
     for i in range(len(grid.temperatures)):
         for k in range(len(grid.alphas)):
             mean, n = grid.means[i][k], grid.counts[i][k]
             if mean is None:
                 ax.text(k, i, "-", ha="center", va="center", color="#666666")
                 continue
-            frac = 0.5 if hi == lo else (mean - lo) / (hi - lo)
-            if mode == "min":
-                frac = 1.0 - frac
-            label = fmt(mean) + (f"\nn={n}" if n > 1 else "")
-            ax.text(k, i, label, ha="center", va="center", fontsize=9,
-                    color="black" if frac > 0.6 else "white")
+            label = fmt(mean) + (f"\nn={n}" if n > 1 else "") + (f"\n{mean - base:+.3f}" if base is not None else "")
+            ax.text(k, i, label, ha="center", va="center", fontsize=9, color="white" if dark(mean) else "black")
     ax.set_xticks(range(len(grid.alphas)), [fmt(a) for a in grid.alphas])
     ax.set_yticks(range(len(grid.temperatures)), [fmt(t) for t in grid.temperatures])
     ax.set_xlabel("alpha")
     ax.set_ylabel("temperature")
-    ax.set_title(f"{grid.pair}: {metric}", fontsize=10)
+    runs = len(grid.baseline.jobs) if grid.baseline is not None else 0
+    ax.set_title(f"{grid.pair}: {metric}\n" + (f"student alone {fmt(base)}" + (f" ({runs} runs)" if runs > 1 else "")
+                                                 + " = black line; cells: value, difference"
+                                                 if base is not None else
+                                                 "no student-alone baseline (kdx-report --baseline RUN)"), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from collections import Counter
@@ -11,11 +12,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kdx.errors import KdxError
+from kdx.io import atomic_write_text
+from kdx.report.escape import csv_cell, markdown_text, rich_text
 from kdx.report.collect import HPARAM_KEYS, JobRecord, is_nan, natural_key, to_float
 
 MARKER = "<!-- kdx-report -->"
 CSV_HEAD = ("rank", "job", "status")  # every kdx report.csv header starts with these
-DEFAULT_METRIC = "test/acc1"
+TEST_PREFIX = "test/"  # metrics of the test set: reported next to the ranking metric, never ranked by default
 MODES = ("max", "min")
 _MIN_TOKENS = {"loss", "err", "error", "eer", "fnmr", "fmr", "fpr", "fnr", "mse", "mae", "nll", "ppl"}
 
@@ -33,7 +36,9 @@ def available_metrics(jobs: Iterable[JobRecord]) -> list[str]:
 
 
 def choose_metric(jobs: list[JobRecord], metric: str | None = None, root: Any = "") -> str | None:
-    """The ranking metric: `metric` if given (must exist), else test/acc1, monitor.metric or the first found."""
+    """The ranking metric: `metric` if given (must exist); else the validation metric that picked each job's
+    checkpoint (`best_<checkpoint.monitor>`, else the monitor itself), else the first val/ metric, else the
+    first metric that is not a test metric. Ranking by a test metric would pick hyper-parameters on the test set."""
     names = available_metrics(jobs)
     if metric is not None:
         if metric not in names:
@@ -45,15 +50,44 @@ def choose_metric(jobs: list[JobRecord], metric: str | None = None, root: Any = 
     done = [j for j in jobs if j.ok and j.metrics] or [j for j in jobs if j.metrics]
     if not done:
         return None
-    if sum(DEFAULT_METRIC in j.metrics for j in done) * 2 > len(done):
-        return DEFAULT_METRIC
-    monitors = Counter(
-        j.monitor.get("metric") for j in done
-        if isinstance(j.monitor.get("metric"), str) and j.monitor.get("metric") in names
-    )
-    if monitors:
-        return monitors.most_common(1)[0][0]
-    return available_metrics(done)[0]
+
+    def most(name: str) -> bool:
+        return sum(name in j.metrics for j in done) * 2 > len(done)
+
+    monitors = Counter(j.monitor.get("metric") for j in done if isinstance(j.monitor.get("metric"), str))
+    for monitor, _ in monitors.most_common():
+        for name in (f"best_{monitor}", monitor):
+            if most(name):
+                return name
+    found = available_metrics(done)
+    for prefix in ("best_val/", "val/"):
+        chosen = next((m for m in found if m.startswith(prefix)), None)
+        if chosen:
+            return chosen
+    return next((m for m in found if not m.startswith(TEST_PREFIX)), found[0])
+
+
+def is_test_metric(metric: str | None) -> bool:
+    """True for a metric of the test set (test/...)."""
+    return bool(metric) and str(metric).startswith(TEST_PREFIX)
+
+
+def test_counterpart(metric: str | None, names: list[str]) -> str | None:
+    """The test metric that matches a validation metric (best_val/acc1 -> test/acc1), if any job has it."""
+    if not metric or is_test_metric(metric):
+        return None
+    bare = metric.removeprefix("best_").split("/", 1)[-1]
+    candidate = TEST_PREFIX + bare
+    return candidate if candidate in names else None
+
+
+def test_metric_note(metric: str | None) -> str | None:
+    """A warning when ranking by a test metric (choosing hyper-parameters on the test set)."""
+    if not is_test_metric(metric):
+        return None
+    return (f"ranking by {metric}, a test-set metric: hyper-parameters chosen by it are fitted to the test set, "
+            f"so its best value overstates what to expect; rank by the validation metric (the default) and read "
+            f"{metric} as the final estimate")
 
 
 def choose_mode(jobs: list[JobRecord], metric: str | None, mode: str | None = None) -> str:
@@ -64,9 +98,10 @@ def choose_mode(jobs: list[JobRecord], metric: str | None, mode: str | None = No
         return mode
     if metric is None:
         return "max"
+    bare = metric.removeprefix("best_")  # best_val/acc1 is ranked the way its monitor val/acc1 was
     modes = Counter(
         j.monitor.get("mode") for j in jobs
-        if j.monitor.get("metric") == metric and j.monitor.get("mode") in MODES
+        if j.monitor.get("metric") in (metric, bare) and j.monitor.get("mode") in MODES
     )
     if modes:
         return modes.most_common(1)[0][0]
@@ -110,6 +145,19 @@ def best_job(ranked: list[JobRecord], metric: str | None) -> JobRecord | None:
 
 
 @dataclass
+class Baseline:
+    """The student trained alone (labels only) that a distilled grid is compared with: mean over its runs."""
+
+    value: float
+    jobs: list[str]
+
+    @property
+    def label(self) -> str:
+        runs = f"{len(self.jobs)} runs" if len(self.jobs) > 1 else _short_value(self.jobs[0], 0)
+        return f"student alone {fmt(self.value)} ({runs})"
+
+
+@dataclass
 class Grid:
     """Mean of a metric per (temperature, alpha) cell for one pair."""
 
@@ -119,6 +167,8 @@ class Grid:
     means: list[list[float | None]]  # [temperature index][alpha index]
     counts: list[list[int]]
     values: dict[tuple[float, float], list[float]] = field(default_factory=dict)
+    student: str | None = None  # the distilled architecture, to find its student-alone baseline
+    baseline: Baseline | None = None
 
     def mean(self, temperature: float, alpha: float) -> float | None:
         """Mean metric of the cell, None when no job falls in it."""
@@ -151,8 +201,24 @@ def cell_grids(ranked: list[JobRecord], metric: str | None) -> dict[str, Grid]:
             i, k = temps.index(t), alphas.index(a)
             means[i][k] = sum(vals) / len(vals)
             counts[i][k] = len(vals)
-        grids[pair] = Grid(pair, temps, alphas, means, counts, values)
+        student = next((j.hparam("student") for j in ranked if pair_name(j) == pair and j.hparam("student")), None)
+        grids[pair] = Grid(pair, temps, alphas, means, counts, values, student=student)
     return grids
+
+
+def is_student_alone(job: JobRecord) -> bool:
+    """True for a completed run of the student trained on labels only (task supervised, network student)."""
+    return job.ok and job.task == "supervised" and str(job.hparams.get("network", "")) == "student"
+
+
+def attach_baselines(grids: dict[str, Grid], candidates: list[JobRecord], metric: str | None) -> None:
+    """Give each grid the mean `metric` of the student-alone runs of its student architecture (and data)."""
+    for grid in grids.values():
+        found = [j for j in candidates if is_student_alone(j) and metric_value(j, metric) is not None
+                 and grid.student and j.hparam("student") == grid.student]
+        if found:
+            values = [metric_value(j, metric) for j in found]
+            grid.baseline = Baseline(sum(values) / len(values), [str(j.job_dir) for j in found])
 
 
 def best_per_pair(ranked: list[JobRecord], metric: str | None) -> list[tuple[str, float, JobRecord]]:
@@ -248,13 +314,14 @@ def csv_row(job: JobRecord, rank: int | None, metric: str | None, columns: list[
 def write_csv(path: Path, ranked: list[JobRecord], failed: list[JobRecord], metric: str | None) -> None:
     """report.csv: one row per job, ranked jobs first (rank 1 = best), then failed ones."""
     columns = csv_columns(ranked + failed, metric)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        for i, job in enumerate(ranked, 1):
-            writer.writerow(csv_row(job, i, metric, columns))
-        for job in failed:
-            writer.writerow(csv_row(job, None, metric, columns))
+    buffer = io.StringIO()  # cells a spreadsheet would run as formulas are neutralised (csv_cell)
+    writer = csv.writer(buffer)
+    writer.writerow([csv_cell(c) for c in columns])
+    for i, job in enumerate(ranked, 1):
+        writer.writerow([csv_cell(c) for c in csv_row(job, i, metric, columns)])
+    for job in failed:
+        writer.writerow([csv_cell(c) for c in csv_row(job, None, metric, columns)])
+    atomic_write_text(path, buffer.getvalue())
 
 
 def is_kdx_csv(path: Path) -> bool:
@@ -279,13 +346,16 @@ def is_kdx_markdown(path: Path) -> bool:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _md_cell(value: Any) -> str:
-    """Escape a value for a Markdown table cell."""
+def _cell_text(value: Any) -> str:
+    """A value as one line of at most 300 characters."""
     text = value if isinstance(value, str) else fmt(value)
     text = " ".join(text.split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return text.replace("|", "\\|")
+    return text[:297] + "..." if len(text) > 300 else text
+
+
+def _md_cell(value: Any) -> str:
+    """Escape a value for a Markdown table cell (Markdown, HTML and control characters made inert)."""
+    return markdown_text(_cell_text(value))
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -341,7 +411,8 @@ def describe(job: JobRecord) -> str:
             num = to_float(val)
             bits.append(f"{label}={fmt(num) if num is not None and key != 'pair' else val}")
     if job.overrides:
-        bits.append(f"[{job.overrides_str}]")
+        bits.append("[" + " ".join(f"{k}={_short_value(v)}" if sep else o
+                                   for o in job.overrides for k, sep, v in [o.partition("=")]) + "]")
     return " ".join(bits)
 
 
@@ -353,7 +424,9 @@ def summary_line(ranked: list[JobRecord], failed: list[JobRecord], metric: str |
         why = "no completed job has metrics" if metric is None else f"no completed job has {metric}"
         return f"No best configuration: {why} ({counts})."
     desc = describe(best)
-    return (f"Best {metric}={fmt(best.metrics[metric])} ({mode}) in {best.rel}"
+    test = test_counterpart(metric, available_metrics(ranked))
+    test_text = f", {test}={fmt(best.metrics[test])}" if test and best.metrics.get(test) is not None else ""
+    return (f"Best {metric}={fmt(best.metrics[metric])} ({mode}{test_text}) in {best.rel}"
             f"{': ' + desc if desc else ''} ({counts}).")
 
 
@@ -363,9 +436,12 @@ def render_markdown(
 ) -> str:
     """The whole report.md text, starting with the marker line."""
     others = other_metrics(ranked, metric)
-    out = [MARKER, f"# kdx sweep report: `{root}`", "",
-           f"Ranked by **{metric or '-'}** ({mode}); {len(ranked)} completed, {len(failed)} failed.", "",
-           f"**{summary_line(ranked, failed, metric, mode)}**", "", "## Ranking", ""]
+    note = test_metric_note(metric)
+    out = [MARKER, f"# kdx sweep report: {markdown_text(root)}", "",
+           f"Ranked by **{markdown_text(metric or '-')}** ({mode}); {len(ranked)} completed, {len(failed)} failed."
+           + ("" if is_test_metric(metric) else " Test metrics are shown next to it, not ranked by."), "",
+           *([f"> **Note:** {note}.", ""] if note else []),
+           f"**{markdown_text(summary_line(ranked, failed, metric, mode))}**", "", "## Ranking", ""]
     if ranked:
         out += [markdown_table(*ranking_rows(ranked, metric, others)), ""]
     else:
@@ -373,23 +449,29 @@ def render_markdown(
     if pairs:
         out += ["## Best per pair", ""]
         if "pairs" in images:
-            out += [f"![best {metric} per pair]({images['pairs']})", ""]
+            out += [f"![best {markdown_text(metric)} per pair]({images['pairs']})", ""]
         out += [markdown_table(["pair", metric or "", "job", "configuration"],
                                [[p, v, j.rel, describe(j)] for p, v, j in pairs]), ""]
     if grids:
-        out += [f"## {metric} over temperature x alpha", "",
+        out += [f"## {markdown_text(metric)} over temperature x alpha", "",
                 "Mean over the jobs that share a cell (n = number of jobs, e.g. seeds).", ""]
         for pair, grid in grids.items():
-            out += [f"### {pair}", ""]
+            out += [f"### {markdown_text(pair)}", ""]
+            if grid.baseline is not None:
+                out += [f"Baseline: {markdown_text(grid.baseline.label)}; cells show the difference to it in brackets.", ""]
+            else:
+                out += [f"No student-alone run of {grid.student or 'this student'} was found; pass one with "
+                        f"`kdx-report DIR --baseline RUN_DIR` to compare.", ""]
             if pair in images:
-                out += [f"![{metric} heatmap for {pair}]({images[pair]})", ""]
+                out += [f"![{markdown_text(metric)} heatmap for {markdown_text(pair)}]({images[pair]})", ""]
             headers = ["T \\ alpha"] + [fmt(a) for a in grid.alphas]
             rows = []
             for i, t in enumerate(grid.temperatures):
                 cells = []
                 for k in range(len(grid.alphas)):
                     mean, n = grid.means[i][k], grid.counts[i][k]
-                    cells.append("" if mean is None else fmt(mean) + (f" (n={n})" if n > 1 else ""))
+                    delta = f" [{mean - grid.baseline.value:+.4f}]" if grid.baseline and mean is not None else ""
+                    cells.append("" if mean is None else fmt(mean) + (f" (n={n})" if n > 1 else "") + delta)
                 rows.append([fmt(t), *cells])
             out += [markdown_table(headers, rows), ""]
     out += [f"## Failed jobs ({len(failed)})", ""]
@@ -400,31 +482,82 @@ def render_markdown(
 # ----------------------------------------------------------------------------- rich
 
 
+def _short_value(value: str, limit: int = 28) -> str:
+    """An override value for the terminal: a long path keeps its last two parts (…/checkpoints/best.ckpt)."""
+    if len(value) <= limit or "/" not in value:
+        return value
+    return "…/" + "/".join(value.rstrip("/").split("/")[-2:])
+
+
+def split_overrides(jobs: list[JobRecord]) -> tuple[list[list[str]], list[str]]:
+    """(per job: its overrides that differ between jobs, the overrides every job shares), leaving out those
+    whose key is a column of its own (pair, temperature, alpha, ...)."""
+    shown = set(HPARAM_KEYS)
+    own = [[o for o in job.overrides if o.partition("=")[0].lstrip("+~").split(".")[-1] not in shown] for job in jobs]
+    common = [o for o in (own[0] if own else []) if all(o in other for other in own[1:])] if len(own) > 1 else []
+    return [[o for o in items if o not in common] for items in own], common
+
+
+def _fit_columns(widths: dict[str, int], priority: list[str], width: int, flexible: str, flex_min: int) -> list[str]:
+    """Columns to show, by priority, whose widths fit `width` (each also takes 2 of padding and 1 of divider, less
+    one divider for the row); `flexible` may shrink to flex_min."""
+    chosen: list[str] = []
+    used = 0
+    for name in priority:
+        need = (min(widths[name], flex_min) if name == flexible else widths[name]) + 3
+        if used + need <= width + 1:
+            chosen.append(name)
+            used += need
+    return chosen
+
+
 def print_rich(ranked: list[JobRecord], failed: list[JobRecord], metric: str | None, console: Any = None) -> None:
-    """Print the ranking and failed jobs with rich (a few metrics only, to fit a terminal)."""
+    """Print the ranking and failed jobs with rich, one line per job at any terminal width: overrides shared
+    by every job are listed once above, long paths are shortened, and the least important columns are left
+    out when the terminal is narrow (report.md and report.csv have them all)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    others = [m for m in other_metrics(ranked, metric) if m.startswith("test/")][:3]
-    headers, rows = ranking_rows(ranked, metric, others)
-    drop = {"status", "teacher", "student"}  # status is always completed here; pair names both nets
-    table = Table(title=f"kdx sweep ranked by {metric or '-'}", show_lines=False)
-    keep = [i for i, h in enumerate(headers) if h not in drop]
-    for i in keep:
-        table.add_column("other overrides" if headers[i] == "overrides" else headers[i], overflow="fold",
-                         style="bold green" if headers[i] == metric else None,
-                         justify="right" if i == 0 or i >= 7 else "left")
-    shown = set(HPARAM_KEYS)  # overrides already shown as columns are left out of the terminal table
-    for n, (job, row) in enumerate(zip(ranked, rows)):
-        row[headers.index("overrides")] = " ".join(
-            o for o in job.overrides if o.partition("=")[0].lstrip("+~").split(".")[-1] not in shown)
-        table.add_row(*(_md_cell(row[i]) for i in keep), style="bold" if n == 0 else None)
+    tests = [m for m in other_metrics(ranked, metric) if m.startswith(TEST_PREFIX)]
+    counterpart = test_counterpart(metric, tests)
+    tests = ([counterpart] if counterpart else []) + [m for m in tests if m != counterpart]
+    tests = tests[:2]
+    headers, rows = ranking_rows(ranked, metric, tests)
+    varying, common = split_overrides(ranked)
+    cells: dict[str, list[str]] = {h: [_md_cell(r[i]) for r in rows] for i, h in enumerate(headers)}
+    cells["overrides"] = [" ".join(f"{k}={_short_value(v)}" for k, _, v in (o.partition("=") for o in items))
+                          for items in varying]
+    names = {"overrides": "other overrides", "T": "T", "alpha": "alpha"}
+    order = ["#", "job", "pair", "T", "alpha", *([metric] if metric else []), *tests, "overrides", "params", "time_s"]
+    order = [h for h in order if h in cells and (h in ("#", "job") or h == metric or any(cells[h]))]
+    priority = ["#", *([metric] if metric else []), "job", *tests[:1], "pair", "T", "alpha", *tests[1:], "overrides",
+                "params", "time_s"]
+    widths = {h: max([len(names.get(h, h))] + [len(c) for c in cells[h]]) for h in order}
+    chosen = set(_fit_columns(widths, [h for h in priority if h in widths], console.width, "overrides", 16))
+    if common:
+        console.print(rich_text("same in every job: " + " ".join(f"{k}={_short_value(v)}" for k, _, v in
+                                                                 (o.partition("=") for o in common))))
+    table = Table(title=rich_text(f"kdx sweep ranked by {metric or '-'}"), box=box.SIMPLE_HEAD, show_edge=False)
+    shown = [h for h in order if h in chosen]
+    for h in shown:
+        table.add_column(names.get(h, h), no_wrap=True, overflow="ellipsis",
+                         style="bold green" if h == metric else None,
+                         justify="right" if h not in ("job", "pair", "overrides") else "left",
+                         min_width=16 if h == "overrides" else None)
+    for n in range(len(ranked)):
+        table.add_row(*(rich_text(cells[h][n]) for h in shown), style="bold" if n == 0 else None)
     console.print(table)
+    left_out = [names.get(h, h) for h in order if h not in chosen]
+    if left_out:
+        console.print(f"(left out to fit {console.width} columns: {', '.join(left_out)}; report.md and report.csv "
+                      f"have every column)", soft_wrap=True)
     if failed:
-        ftable = Table(title=f"failed jobs ({len(failed)})", title_style="bold red")
+        ftable = Table(title=f"failed jobs ({len(failed)})", title_style="bold red", box=box.SIMPLE_HEAD,
+                       show_edge=False)
         for h in ("job", "status", "reason"):
             ftable.add_column(h, overflow="fold")
         for job in failed:
-            ftable.add_row(job.rel, job.status, job.reason or "")
+            ftable.add_row(rich_text(job.rel), rich_text(job.status), rich_text(job.reason or ""))
         console.print(ftable)

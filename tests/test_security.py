@@ -1,0 +1,275 @@
+"""Files from users are data, never code.
+
+Every loader of a user-supplied file (teacher.ckpt, pretrained=FILE, kdx-eval models, .bin verification sets
+through kdx-eval and data.val_bin, the checkpoint a run resumes from) is given a real payload, a pickle whose
+__reduce__ writes a marker file, and must refuse it with one sentence without running it. A control test shows
+that the same files do run their payload under a plain unpickler. kdx's own checkpoints load with
+weights_only=True, and reports escape what they did not write.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose_train, run_cli
+from kdx.checkpoints import load_network, plain_checkpoint, read_checkpoint
+from kdx.data.face_formats import read_verification_bin, write_verification_bin
+from kdx.errors import CheckpointError, DataError
+from kdx.eval.cli import eval_main
+from kdx.models import build_model
+
+
+class Payload:
+    """Unpickling this runs exec(), which writes `marker`: what a crafted file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('payload ran')",)
+
+
+def evil_checkpoint(path: Path, marker: Path) -> Path:
+    """A kdx-looking checkpoint (real resnet8 weights and metadata) that also carries the payload."""
+    net = build_model("resnet8", num_classes=4)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "kdx": {"model_name": "resnet8", "num_classes": 4, "in_chans": 3, "network_prefix": "net."},
+                "callbacks": {"x": Payload(marker)}}, path)
+    return path
+
+
+def evil_module_file(path: Path, marker: Path) -> Path:
+    """A 'pickled whole model' file: torch.save of an arbitrary object."""
+    torch.save(Payload(marker), path)
+    return path
+
+
+def jpeg_bytes(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def evil_bin(path: Path, marker: Path, variant: str = "list") -> Path:
+    """An InsightFace-style .bin whose issame list (or a numpy object array) carries the payload."""
+    images = [jpeg_bytes("red"), jpeg_bytes("blue")]
+    flags = [Payload(marker)] if variant == "list" else np.array([Payload(marker)], dtype=object)
+    path.write_bytes(pickle.dumps((images, flags), protocol=2))
+    return path
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    path = tmp_path / "PAYLOAD_RAN"
+    yield path
+
+
+def test_the_payloads_are_real(tmp_path: Path) -> None:
+    """Control: loaded the unsafe way, each crafted file runs its code (so the tests below can fail)."""
+    for i, make in enumerate((evil_checkpoint, evil_module_file)):
+        m = tmp_path / f"m{i}"
+        torch.load(make(tmp_path / f"f{i}.ckpt", m), weights_only=False)
+        assert m.read_text() == "payload ran"
+    for variant in ("list", "numpy"):
+        m = tmp_path / f"bin-{variant}"
+        with open(evil_bin(tmp_path / f"{variant}.bin", m, variant), "rb") as f:
+            pickle.load(f, encoding="bytes")
+        assert m.is_file()
+
+
+def test_checkpoint_loaders_refuse_code(tmp_path: Path, marker: Path) -> None:
+    ckpt = evil_checkpoint(tmp_path / "teacher.ckpt", marker)
+    whole = evil_module_file(tmp_path / "model.pt", marker)
+    for call in (lambda: read_checkpoint(ckpt), lambda: load_network(ckpt, num_classes=4),
+                 lambda: build_model("resnet8", num_classes=4, pretrained=str(whole)),
+                 lambda: build_model("resnet8", num_classes=4, pretrained=str(ckpt))):
+        with pytest.raises(CheckpointError, match=r"holds the Python object (builtins\.)?exec, which kdx never loads"):
+            call()
+    assert not marker.exists()
+
+
+def test_kdx_train_teacher_ckpt_and_pretrained_refuse_code(tmp_path: Path, marker: Path) -> None:
+    ckpt = evil_checkpoint(tmp_path / "teacher.ckpt", marker)
+    whole = evil_module_file(tmp_path / "weights.pt", marker)
+    for args in (["experiment=synthetic/kd", f"teacher.ckpt={ckpt}"],
+                 ["experiment=synthetic/teacher", f"teacher.pretrained={whole}"]):
+        out = run_cli("kdx-train", *args, "trainer.max_epochs=1", "trainer.progress_bar=none", cwd=tmp_path)
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kdx: error: ") and "Python object exec" in lines[0], out.stderr
+        assert "Traceback" not in out.stderr
+    assert not marker.exists()
+
+
+def test_resume_from_a_crafted_checkpoint_refuses_code(tmp_path: Path, marker: Path) -> None:
+    from kdx.train import run_training
+
+    run_dir = tmp_path / "run"
+    args = ["experiment=synthetic/teacher", "trainer.max_epochs=1", "trainer.progress_bar=none"]
+    run_training(compose_train(args), run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    (run_dir / "results.json").write_text(json.dumps({**results, "status": "running"}))  # as if killed
+    evil_checkpoint(run_dir / "checkpoints" / "last.ckpt", marker)
+    out = run_cli("kdx-train", *args, f"resume={run_dir}", cwd=tmp_path)
+    assert out.returncode == 2 and "last.ckpt holds the Python object exec" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not marker.exists()
+
+
+def test_kdx_eval_refuses_code_in_models_and_bin_files(tmp_path: Path, marker: Path, capsys) -> None:
+    faces = tmp_path / "faces"
+    for i, colour in enumerate(("red", "green", "blue")):
+        (faces / f"id{i}").mkdir(parents=True)
+        for j in range(3):
+            Image.new("RGB", (8, 8), colour).save(faces / f"id{i}" / f"{j}.png")
+    for model in (evil_checkpoint(tmp_path / "m.ckpt", marker), evil_module_file(tmp_path / "m.pt", marker)):
+        assert eval_main([str(model), str(faces), "--num-pairs", "10"]) == 2
+    from test_face_eval_cli import export_mean_colour
+
+    export_mean_colour(tmp_path / "good.onnx")
+    for variant in ("list", "numpy"):
+        assert eval_main([str(tmp_path / "good.onnx"), str(evil_bin(tmp_path / f"{variant}.bin", marker, variant)),
+                          "--image-size", "8", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("kdx-eval: error: ") == 4 and "Python object builtins.exec" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_bin_reader_refuses_code_and_still_reads_real_bins(tmp_path: Path, marker: Path) -> None:
+    for variant in ("list", "numpy"):
+        with pytest.raises(DataError, match=r"asks to load the Python object builtins\.exec"):
+            read_verification_bin(evil_bin(tmp_path / f"{variant}.bin", marker, variant), image_size=(8, 8))
+    # protocol-2 pickles spell bytes as _codecs.encode(text, 'latin1'); another codec is refused
+    crafted = pickle.dumps(([b"a", b"b"], [True]), protocol=2).replace(b"latin1", b"rot_13")
+    (tmp_path / "codec.bin").write_bytes(crafted)
+    with pytest.raises(DataError, match="latin-1"):
+        read_verification_bin(tmp_path / "codec.bin")
+    assert not marker.exists()
+    good = tmp_path / "good.bin"
+    write_verification_bin(good, [jpeg_bytes("red"), jpeg_bytes("red"), jpeg_bytes("red"), jpeg_bytes("blue")],
+                           [True, False])
+    images, issame = read_verification_bin(good, image_size=(8, 8))
+    assert images.shape == (4, 3, 8, 8) and issame.tolist() == [True, False]
+    (tmp_path / "py2.bin").write_bytes(pickle.dumps(([bytearray(jpeg_bytes("red"))] * 2, np.array([True])), protocol=2))
+    assert read_verification_bin(tmp_path / "py2.bin", image_size=(8, 8))[1].tolist() == [True]
+
+
+def test_data_val_bin_refuses_code(tmp_path: Path, marker: Path) -> None:
+    from kdx.data.face import FaceRecordDataModule
+    from kdx.data.recordio import pack_identity_folder
+
+    for i, colour in enumerate(("red", "blue")):
+        (tmp_path / "ids" / f"p{i}").mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (8, 8), colour).save(tmp_path / "ids" / f"p{i}" / f"{j}.png")
+    pack_identity_folder(tmp_path / "ids", tmp_path / "rec")
+    dm = FaceRecordDataModule(tmp_path / "rec", evil_bin(tmp_path / "val.bin", marker), image_size=8, num_workers=0)
+    with pytest.raises(DataError, match="val.bin asks to load the Python object builtins.exec"):
+        dm.setup("fit")
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- kdx's own checkpoints
+def _all_load_weights_only(folder: Path) -> list[dict]:
+    found = sorted(folder.rglob("*.ckpt"))
+    assert found, f"no checkpoint under {folder}"
+    return [torch.load(p, map_location="cpu", weights_only=True) for p in found]
+
+
+def test_kdx_checkpoints_load_with_weights_only(tmp_path: Path, synthetic_teacher: Path) -> None:
+    """Classification (supervised, distillation with trainable distiller parts, probe) and face checkpoints,
+    best and last, load with plain torch.load(weights_only=True), and rebuild their network."""
+    from kdx.train import run_training
+
+    quiet = ["trainer.max_epochs=1", "trainer.progress_bar=none"]
+    runs = {
+        "distill": ["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "distill=crd",
+                    "+distill.mix.fitnet.weight=1.0"],
+        "probe": ["experiment=synthetic/probe", f"teacher.ckpt={synthetic_teacher}"],
+        "face": ["experiment=orl/student", "+trainer.limit_train_batches=2", "data.val_identities=2",
+                 "data.test_identities=2", "data.num_val_pairs=20", "data.num_test_pairs=20",
+                 "task.bn_recalibration_batches=1", "student.kwargs.input_size=[32,32]"],
+    }
+    for name, overrides in runs.items():
+        run_training(compose_train([*overrides, *quiet]), tmp_path / name)
+    for ckpt in _all_load_weights_only(synthetic_teacher.parent) + _all_load_weights_only(tmp_path / "distill"):
+        assert ckpt["kdx"]["model_name"] and "kdx.RandomState" in ckpt["callbacks"]
+    assert any(k.startswith("distillers.") for k in _all_load_weights_only(tmp_path / "distill")[0]["state_dict"])
+    _all_load_weights_only(tmp_path / "probe")
+    face = _all_load_weights_only(tmp_path / "face")[0]
+    assert face["kdx"]["task"] == "face"
+    net, meta = load_network(tmp_path / "distill" / "checkpoints" / "best.ckpt")
+    assert meta["model_name"] == "cnn_tiny"
+
+
+def test_plain_checkpoint_makes_metadata_plain_and_refuses_code_in_training_state(tmp_path: Path) -> None:
+    import enum
+
+    from omegaconf import OmegaConf
+
+    class Colour(enum.Enum):
+        RED = "red"
+
+    ckpt = {"state_dict": {"w": torch.ones(2)},
+            "hyper_parameters": {"optim": OmegaConf.create({"lr": 0.1, "betas": [0.9, 0.99]}), "root": Path("/data"),
+                                 "scale": np.float32(0.5), "colour": Colour.RED, "ids": {3, 1}},
+            "kdx": {"model_name": "resnet8", "arr": np.arange(3)}}
+    plain_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "c.ckpt")
+    back = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert back["hyper_parameters"] == {"optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "root": "/data", "scale": 0.5,
+                                        "colour": "red", "ids": [1, 3]}
+    assert torch.equal(back["kdx"]["arr"], torch.arange(3))
+    with pytest.raises(CheckpointError, match=r"optimizer_states\[0\]\['fn'\] \(.*Colour\)"):
+        plain_checkpoint({"state_dict": {}, "optimizer_states": [{"fn": Colour.RED}]})
+
+
+# --------------------------------------------------------------------------- reports escape what they did not write
+def test_reports_escape_markdown_html_terminal_and_formulas(tmp_path: Path) -> None:
+    from kdx.report import report_main
+
+    sweep = tmp_path / "sweep"
+    hostile = {
+        "0": ["distill.temperature=4", "+note==HYPERLINK(\"http://evil\",\"x\")", "tag=<script>alert(1)</script>"],
+        "1": ["distill.temperature=2", "tag=[click](javascript:alert(1))", "name=\x1b[31mred\x1b[0m[bold]x[/bold]"],
+    }
+    for job, overrides in hostile.items():
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text("".join(f"- {json.dumps(o)}\n" for o in overrides))
+        (sweep / job / "results.json").write_text(json.dumps({
+            "status": "completed", "task": "distill", "experiment": "@SUM(A1:A9)", "overrides": overrides,
+            "hparams": {"pair": "p|q", "temperature": 4.0, "alpha": 0.5, "seed": 0},
+            "metrics": {"val/acc1": 0.5 + int(job) / 10, "test/acc1": 0.4, "test/delta": -0.25},
+            "monitor": {"metric": "val/acc1", "mode": "max"}}))
+    (sweep / "2" / ".hydra").mkdir(parents=True)
+    (sweep / "2" / "results.json").write_text(json.dumps({"status": "failed", "error": "-2+3 \x1b]0;title\x07 <b>x</b>",
+                                                          "overrides": []}))
+    import contextlib
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert report_main([str(sweep), "--no-plots"]) == 0
+    md = (sweep / "report.md").read_text()
+    for raw in ("<script>", "<b>", "\x1b", "\x07"):
+        assert raw not in md, raw
+    import re
+
+    assert not re.search(r"(?<!\\)\]\(javascript", md) and not re.search(r"(?<!\\)\|q", md)  # only escaped
+    assert "&lt;script&gt;" in md and "\\[click\\]" in md and "p\\|q" in md and "\\x1b" in md
+    terminal = stdout.getvalue()
+    assert "\x1b" not in terminal and "\x07" not in terminal
+    with open(sweep / "report.csv", newline="") as f:
+        cells = [c for row in csv.reader(f) for c in row]
+    for cell in cells:
+        assert not cell.startswith(("=", "+", "@")) or cell.startswith("'"), cell
+        if cell.startswith("-"):
+            float(cell)  # only numbers may start with a minus sign
+    assert "'@SUM(A1:A9)" in cells and "-0.25" in cells
+    assert any(c.startswith("'-2+3") for c in cells)
