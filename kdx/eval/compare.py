@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kdx.eval.profile import profile_models
-from kdx.io import atomic_write_text, write_json
+from kdx.io import atomic_path, atomic_write_text, write_json
 
 # column key -> (header, format) of the comparison table, in display order
 COLUMNS = {
@@ -153,7 +153,8 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, metric: str = "t
             low = min(v for v in values if v > 0)
             ax.set_ylim(low / 3, max(values) * 4)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # an existing comparison plot stays whole until the new one is complete
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return scales
 

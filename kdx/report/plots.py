@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kdx.io import atomic_path
 from kdx.report.collect import JobRecord
 from kdx.report.tables import Grid, fmt
 
@@ -55,7 +56,8 @@ def _figure(width: float, height: float):
 
 def _save(fig, path: Path) -> Path:
     """Save `fig` as PNG with the kdx tag in its metadata."""
-    fig.savefig(path, format="png", metadata={"Software": PNG_TAG, "Description": PNG_TAG})
+    with atomic_path(path) as tmp:  # an existing plot stays whole until the new one is complete
+        fig.savefig(tmp, format="png", metadata={"Software": PNG_TAG, "Description": PNG_TAG})
     return path
 
 
