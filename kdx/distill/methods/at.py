@@ -4,14 +4,13 @@ from __future__ import annotations
 import math
 
 from kdx.distill.base import Distiller, register_distiller
-from kdx.distill.methods.fitnet import _no_onnx_teacher
-from kdx.distill.stages import pair_layers, stage_layers
+from kdx.distill.methods._stage_pairs import PairedStages
 from kdx.errors import ConfigError
 from kdx.losses.features import attention_transfer_loss
 
 
 @register_distiller
-class AT(Distiller):
+class AT(PairedStages, Distiller):
     """Attention transfer summed over every paired stage (default: all declared stages, paired from the deep
     end, as the reference sums over the stage outputs); channel counts may differ, larger maps are pooled."""
 
@@ -28,18 +27,6 @@ class AT(Distiller):
         self.p = float(p)
         self._given = (student_layers, teacher_layers)
         self._pairs: list[tuple[str, str]] = []
-
-    def bind(self, student, teacher) -> None:
-        _no_onnx_teacher(teacher, self.name)
-        s = stage_layers(student, self._given[0], "student", "distill.student_layers")
-        t = stage_layers(teacher, self._given[1], "teacher", "distill.teacher_layers")
-        self._pairs = pair_layers(s, t)
-
-    def student_layers(self) -> list[str]:
-        return [s for s, _ in self._pairs]
-
-    def teacher_layers(self) -> list[str]:
-        return [t for _, t in self._pairs]
 
     def forward(self, batch):
         if not self._pairs:

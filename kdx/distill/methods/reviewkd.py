@@ -10,8 +10,7 @@ from torch import nn
 
 from kdx.distill.base import Distiller, register_distiller
 from kdx.distill.methods._logit_common import warmup_factor
-from kdx.distill.methods.fitnet import _no_onnx_teacher
-from kdx.distill.stages import pair_layers, stage_layers
+from kdx.distill.methods._stage_pairs import PairedStages
 from kdx.errors import ConfigError
 from kdx.losses.features import hcl_loss
 
@@ -48,7 +47,7 @@ def _as_map(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_distiller
-class ReviewKD(Distiller):
+class ReviewKD(PairedStages, Distiller):
     """Levels: the paired stages (shallow to deep) plus the pooled embedding as a last 1 x 1 level, as the
     reference code. Each level's ABF output is compared with the teacher's map at that level by HCL.
     `mid_channels` null: min(512, the student embedding's width), as the reference. The loss is ramped in
@@ -72,18 +71,6 @@ class ReviewKD(Distiller):
         self._given = (student_layers, teacher_layers)
         self._pairs: list[tuple[str, str]] = []
         self.abfs = nn.ModuleList()
-
-    def bind(self, student, teacher) -> None:
-        _no_onnx_teacher(teacher, self.name)
-        s = stage_layers(student, self._given[0], "student", "distill.student_layers")
-        t = stage_layers(teacher, self._given[1], "teacher", "distill.teacher_layers")
-        self._pairs = pair_layers(s, t)
-
-    def student_layers(self) -> list[str]:
-        return [s for s, _ in self._pairs]
-
-    def teacher_layers(self) -> list[str]:
-        return [t for _, t in self._pairs]
 
     def _levels(self, batch, role: str) -> list[torch.Tensor]:
         """The maps of one network, shallow to deep, the embedding last as a 1 x 1 map."""

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdx.distill.base import Distiller, register_distiller
-from kdx.distill.methods.fitnet import _no_onnx_teacher
-from kdx.distill.stages import pair_layers, stage_layers
+from kdx.distill.methods._stage_pairs import PairedStages
 from kdx.errors import ConfigError
 from kdx.losses.features import pool_to_smaller, vid_loss
 
@@ -22,7 +21,7 @@ def _number(value, key: str, low: float, what: str) -> float:
 
 
 @register_distiller
-class VID(Distiller):
+class VID(PairedStages, Distiller):
     """VID summed over every paired stage: per pair a regressor conv1x1-ReLU-conv1x1-ReLU-conv1x1 (no biases,
     hidden width `mid_ratio` x the teacher's channels) and variances softplus(alpha_c) + eps, alpha initialised
     so that every variance starts at `init_pred_var` (as the authors' code). Larger maps are pooled down."""
@@ -43,18 +42,6 @@ class VID(Distiller):
         self._pairs: list[tuple[str, str]] = []
         self.regressors = nn.ModuleList()
         self.log_scales = nn.ParameterList()
-
-    def bind(self, student, teacher) -> None:
-        _no_onnx_teacher(teacher, self.name)
-        s = stage_layers(student, self._given[0], "student", "distill.student_layers")
-        t = stage_layers(teacher, self._given[1], "teacher", "distill.teacher_layers")
-        self._pairs = pair_layers(s, t)
-
-    def student_layers(self) -> list[str]:
-        return [s for s, _ in self._pairs]
-
-    def teacher_layers(self) -> list[str]:
-        return [t for _, t in self._pairs]
 
     def setup(self, probe, num_samples=None) -> None:
         regressors, scales = nn.ModuleList(), nn.ParameterList()
