@@ -73,18 +73,25 @@ class RunClock(Callback):
         self.epoch_start = self.fit_start
         self.first_epoch = 0
         self.epoch_times: list[float] = []
+        self.train_times: list[float] = []  # the training loop alone: epoch start to its last step's end
+        self.last_step_end = self.fit_start
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.monotonic()
         self.first_epoch = int(trainer.current_epoch)  # > 0 when resumed
         self.epoch_times = []
+        self.train_times = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.epoch_start = time.monotonic()
+        self.epoch_start = self.last_step_end = time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.last_step_end = time.monotonic()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning runs validation before this hook, so this is the epoch's training plus validation time
         self.epoch_times.append(time.monotonic() - self.epoch_start)
+        self.train_times.append(self.last_step_end - self.epoch_start)
 
     def epoch_estimate(self, step_time: float | None, trainer: pl.Trainer) -> float | None:
         """Seconds of one whole epoch: the mean of finished epochs, else steps x the current step time."""

@@ -28,6 +28,7 @@ from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule, che
 from kdx.lit.distill import apply_teacher_cache
 from kdx.distill import build_distiller_set, enable_sample_indices, split_distill_config
 from kdx.models import build_model, find_head
+from kdx.progress import RunClock
 from kdx.trainer import build_trainer
 
 TASKS = ("supervised", "transfer", "distill", "probe", "face", "face_distill")
@@ -422,6 +423,12 @@ def default_resume_command(overrides: list[str], run_dir: Path) -> str:
     return " ".join(["kdx-train", *map(shlex.quote, kept), shlex.quote(f"resume={run_dir}")])
 
 
+def _train_epoch_times(trainer: pl.Trainer) -> list[float]:
+    """Seconds of each epoch's training loop in this fit (no set-up, no validation), for throughput."""
+    clock = next((c for c in trainer.callbacks if isinstance(c, RunClock)), None)
+    return [round(t, 3) for t in clock.train_times] if clock is not None else []
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, *,
                  multirun: bool = False, _worker: bool = False, resume_command: str | None = None) -> dict[str, Any]:
     """Train, validate and test one network as `cfg` says, writing checkpoints, metrics.csv and results.json.
@@ -536,7 +543,8 @@ def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *
             status="completed", metrics=metrics,
             monitor={"metric": monitor, "mode": cfg.checkpoint.get("mode", "max"),
                      "best": metrics.get(f"best_{monitor}")},
-            time={"fit_s": round(fit_s, 2), "test_s": round(test_s, 2), "total_s": round(time.time() - started, 2)},
+            time={"fit_s": round(fit_s, 2), "test_s": round(test_s, 2), "total_s": round(time.time() - started, 2),
+                  "train_epoch_s": _train_epoch_times(trainer)},
             checkpoints=_kept_checkpoints(run_dir, ckpt_cb),
             epochs=int(trainer.current_epoch), global_step=int(trainer.global_step),
         )

@@ -119,6 +119,16 @@ def test_fashion_mnist_reads_idx_files_from_a_configured_root(tmp_path):
     assert dm.describe() == {"num_classes": 10, "in_chans": 1, "image_size": 28, "train": 20, "val": 10, "test": 30}
 
 
+def test_idx_files_are_decoded_once_but_a_replaced_file_is_read_again(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    _write_idx(path, torch.arange(5, dtype=torch.uint8))
+    first = read_idx(path)
+    assert read_idx(path) is first  # the same decoded array: a sweep's jobs do not un-gzip it again
+    _write_idx(path, torch.arange(7, dtype=torch.uint8) * 2)  # new size: a new version of the file
+    assert read_idx(path).tolist() == [0, 2, 4, 6, 8, 10, 12]
+    assert not first.flags.writeable  # shared, so nobody may change it in place
+
+
 def test_fashion_mnist_missing_everywhere_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr("kdx.data.fashion_mnist.DEBIAN_DIR", str(tmp_path / "absent"))
     monkeypatch.delenv("KDX_FMNIST_ROOT", raising=False)

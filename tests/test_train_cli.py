@@ -49,6 +49,8 @@ def test_a_run_writes_config_checkpoints_metrics_and_results(teacher_run):
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["metrics"]["test/acc1"] == results["metrics"]["test/acc1"] > 0.25
     assert saved["params"]["network"] > 0 and saved["time"]["fit_s"] > 0
+    loops = saved["time"]["train_epoch_s"]  # each epoch's training loop, without set-up and validation
+    assert len(loops) == 4 and all(0 < t for t in loops) and sum(loops) < saved["time"]["fit_s"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.csv").is_file()
     assert Path(saved["checkpoints"]["best"]).is_file() and Path(saved["checkpoints"]["last"]).is_file()
     assert "train/loss_ce" in (run_dir / "metrics.csv").read_text().splitlines()[0]

@@ -1,6 +1,7 @@
 """Fashion-MNIST (Xiao et al. 2017): 60k/10k 28x28 grey images of 10 clothing classes."""
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -21,7 +22,18 @@ MEAN, STD = (0.2860,), (0.3530,)
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array."""
+    """Read an IDX file (optionally gzipped) into a read-only numpy array.
+
+    Decoded once per process and file version (path, size, mtime): the jobs of an in-process or pooled sweep
+    share it instead of un-gzipping 30 MB each (~0.4 s a job on one core).
+    """
+    stat = Path(path).stat()
+    return _read_idx(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx(path_str: str, size: int, mtime_ns: int) -> np.ndarray:
+    path = Path(path_str)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
