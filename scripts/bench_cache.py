@@ -5,7 +5,7 @@ Every number comes from real kdx runs (kdx.train.run_training, the code kdx-trai
 the demo's pair (resnet20 -> cnn_tiny), and optionally a heavier teacher. Per teacher it measures
   - images/s of a student-alone epoch, a KD epoch without the cache, and a KD epoch with a warm cache (a second
     job reading the store the first one wrote), as medians of interleaved repeats;
-  - the wall time of a 6-job temperature x alpha sweep (one epoch each) without and with one shared disk store,
+  - the wall time of a 6-job temperature x alpha sweep (2 epochs each) without and with one shared disk store,
     and the ideal speedup (t_teacher + t_student) / (t_teacher / 6 + t_student) from the same run's epochs.
 
     python scripts/bench_cache.py                        # about 6-10 min on 2 CPU cores
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", default="fmnist", help="fmnist, or synthetic for a quick check")
+    parser.add_argument("--sweep-epochs", type=int, default=2, help="epochs of each sweep job (the demo's KD runs 2)")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     work = Path(tempfile.mkdtemp(prefix="kdx-bench-cache-"))
@@ -116,8 +117,8 @@ def bench_pair(teacher_name: str, args, work: Path) -> dict:
         extra = ["distill.teacher_cache.mode=disk", f"distill.teacher_cache.dir={folder / 'store'}"] if cached else []
         t0 = time.perf_counter()
         for n, (temperature, alpha) in enumerate(GRID):
-            run_training(compose_run([*kd, f"distill.temperature={temperature}", f"distill.alpha={alpha}", *extra]),
-                         folder / str(n))
+            run_training(compose_run([*kd, f"distill.temperature={temperature}", f"distill.alpha={alpha}", *extra,
+                                      f"trainer.max_epochs={args.sweep_epochs}"]), folder / str(n))
         return time.perf_counter() - t0
 
     sweep_plain, sweep_cached = sweep(False), sweep(True)
