@@ -20,7 +20,7 @@ data: $(STAMP)
 	@bash scripts/get_fashion_mnist.sh
 
 demo: $(STAMP) data
-	HF_HUB_OFFLINE=1 $(VENV)/bin/kdx-pipeline experiment=fmnist
+	HF_HUB_OFFLINE=1 $(VENV)/bin/kdx-pipeline experiment=fmnist_fewlabels
 
 demo-face: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/kdx-pipeline experiment=orl_faces
