@@ -7,11 +7,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import kdx.conf as conf_package
 from kdx.errors import KdxError, RunInterrupted
 from kdx.sweep import register_resolvers
 
 register_resolvers()  # ${kdx.run_dir:...} in hydra.run.dir / hydra.sweep.dir (resume=)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_PACKAGE = "pkg://kdx.conf"  # the configs ship inside the package: a checkout and a wheel find them alike
+CONFIG_DIR = str(Path(conf_package.__file__).parent)  # the same folder on disk, for re-composing in-process
 
 
 def _fail(error: KdxError) -> None:
@@ -78,7 +80,7 @@ def _name_sweep_job(cfg: DictConfig) -> None:
                                                                      if hc.job.override_dirname else "")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
 def _train(cfg: DictConfig) -> float | None:
     """One kdx-train job. A single run exits 2 with one sentence on a KdxError; in a multirun a failed job is
     recorded (results.json status=failed), reported in one line, and the sweep goes on (NaN to the sweeper)."""
@@ -144,7 +146,7 @@ def _record_failure(run_dir: Path, error: BaseException) -> None:
                                         "run_dir": str(run_dir), "overrides": _task_overrides()})
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pipeline")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="pipeline")
 def _pipeline(cfg: DictConfig) -> None:
     """kdx-pipeline's task: every stage, then the comparison (see kdx.pipeline)."""
     try:
