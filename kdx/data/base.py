@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdx.data.device_batches import DeviceBatches
+from kdx.data.samplers import BalancedSampler, check_sampler, dataset_labels
 from kdx.data.tensor_images import TensorImageDataset
 from kdx.data.views import SeededViewDataset, ViewSampler
 from kdx.errors import ConfigError
@@ -32,7 +33,7 @@ class KdxDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = True, eval_batch_size: int | None = None, seeded_views: bool = False,
-                 views: int | None = None, on_device: bool = False) -> None:
+                 views: int | None = None, on_device: bool = False, sampler: str | None = None) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -52,6 +53,7 @@ class KdxDataModule(pl.LightningDataModule):
         self.view_count: int | None = int(views) if views else None
         self.view_seed = 0  # the run's seed (set by kdx.train)
         self.on_device = bool(on_device)  # keep in-memory images on the training device, augment them there
+        self.sampler = check_sampler(sampler)  # None: shuffle; "balanced": each class (identity) equally likely
 
     @property
     def num_classes(self) -> int:
@@ -68,15 +70,21 @@ class KdxDataModule(pl.LightningDataModule):
             batch_size=self.batch_size if train else self.eval_batch_size, drop_last=drop_last,
             num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
         )
+        if train and self.sampler and self.seeded_views:
+            raise ConfigError("data.sampler=balanced cannot be combined with seeded views (the teacher cache, "
+                              "data.seeded_views); set data.sampler=null or distill.teacher_cache.mode=off")
         if train and self.seeded_views:
             sampler = ViewSampler(dataset, seed=self.view_seed, views=self.view_count, drop_last=drop_last)
             return DataLoader(SeededViewDataset(dataset, self.view_seed), sampler=sampler, **kwargs)
+        balanced = BalancedSampler(dataset_labels(dataset), seed=self.view_seed) if train and self.sampler else None
         if train and self.train_indices:
             dataset = WithIndex(dataset)
-        return DataLoader(dataset, shuffle=train, **kwargs)
+        return DataLoader(dataset, shuffle=train and balanced is None, sampler=balanced, **kwargs)
 
     def _device_batches(self, dataset: Dataset, train: bool, drop_last: bool) -> DeviceBatches:
         """Resident batches on the trainer's device (data.on_device=true); the views are always seeded."""
+        if self.sampler:
+            raise ConfigError("data.sampler=balanced is not available with data.on_device=true; set one of them off")
         if not isinstance(dataset, TensorImageDataset):
             raise ConfigError(f"data.on_device=true needs images held in memory (fmnist, synthetic), but "
                               f"{type(self).__name__} reads {type(dataset).__name__}; set data.on_device=false")

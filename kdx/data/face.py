@@ -136,15 +136,17 @@ class FaceFolderDataModule(KdxDataModule):
                  image_size: int | Sequence[int] = 112, in_chans: int = 3, mean: float | Sequence[float] = 0.5,
                  std: float | Sequence[float] = 0.5, train_flip: bool = True, pairs_file: str | None = None,
                  seed: int = 0, extensions: Sequence[str] = IMAGE_EXTENSIONS, pin_memory: bool = False,
-                 test_identities: float | int | None = None, num_test_pairs: int | None = None):
+                 test_identities: float | int | None = None, num_test_pairs: int | None = None,
+                 sampler: str | None = None):
         """`val_identities`: held-out fraction (0 < f < 1) or count; `num_val_pairs`: pairs built from them.
 
         `test_identities` (fraction or count, default None): hold out a second, disjoint set of identities
         whose `num_test_pairs` pairs form the test split, so the checkpoint picked on validation is scored
         on faces neither training nor model selection saw. None: the test split reuses the validation pairs.
+        `sampler`: None (shuffle) or "balanced" (every training identity equally likely per draw).
         """
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         eval_batch_size=eval_batch_size)
+                         eval_batch_size=eval_batch_size, sampler=sampler)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.val_identities = val_identities
