@@ -114,8 +114,18 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
         net, meta = load_network(ckpt)
         models.append((STAGE_LABELS.get(name, name), meta["model_name"], net))
     opts = to_dict(cfg.pipeline.get("compare") or {})
+    robust = opts.get("robustness") or {}
+    robustness = None
+    if robust.get("enabled"):
+        from kdx.eval.robustness import pixel_space_of
+
+        robustness = {"space": pixel_space_of(dm), "eps": float(robust.get("eps", 2 / 255)),
+                      "pgd_steps": int(robust.get("pgd_steps", 10)),
+                      "corruptions": list(robust.get("corruptions", ["noise", "blur"])),
+                      "max_images": robust.get("max_images", 1000), "seed": int(cfg.get("seed", 0))}
     rows = compare_classifiers(models, batches, (dm.in_chans, dm.image_size, dm.image_size),
-                               reference=models[0][0], latency_runs=int(opts.get("latency_runs", 30)),
+                               reference=models[0][0], robustness=robustness,
+                               latency_runs=int(opts.get("latency_runs", 30)),
                                throughput_batch=int(opts.get("throughput_batch", 64)),
                                throughput_runs=int(opts.get("throughput_runs", 5)), threads=opts.get("threads"))
     title = f"{cfg.get('run_name')}: teacher vs student on the test set ({sum(len(b[1]) for b in batches)} images)"
@@ -130,7 +140,7 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
             extra["temperature"] = float(distill.temperature)
     paths = write_comparison(rows, run_dir, title, extra)
     print_table(rows, title)
-    print(f"[kdx] comparison written to {paths['md']}, {paths['json']} and {paths['png']}", flush=True)
+    print(f"[kdx] comparison written to {', '.join(str(p) for p in paths.values())}", flush=True)
     return {"rows": rows, "files": {k: str(v) for k, v in paths.items()}}
 
 

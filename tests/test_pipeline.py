@@ -38,7 +38,11 @@ def test_pipeline_on_jpeg_folders_ends_in_a_comparison_and_reuses_the_teacher(tm
         assert row["latency_q1_ms"] <= row["latency_ms"] <= row["latency_q3_ms"]  # median of interleaved rounds
         assert row["latency_rounds"] >= 3
         assert 0.0 <= row["test_acc1"] <= 1.0
+        assert 0.0 <= row["ece"] <= 1.0 and row["nll"] > 0  # calibration is always measured
+        assert sum(b["count"] for b in row["reliability"]) == 12  # every test image in one confidence bin
+        assert "acc_fgsm" not in row  # robustness is opt-in
     assert rows["teacher"]["test_acc1"] > 0.5  # 3 classes: chance is 1/3
+    assert (run / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "comparison.md").read_text().startswith("# folder: teacher vs student")
     assert (run / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "student distilled" in proc.stdout
@@ -60,7 +64,7 @@ def test_pipeline_on_jpeg_folders_ends_in_a_comparison_and_reuses_the_teacher(tm
     (tmp_path / "run2" / "student").mkdir(parents=True)
     (tmp_path / "run2" / "student" / "results.json").write_text('{"status": "failed"}')
     seeded = run_pipeline(tmp_path, "distill.temperature=2", f"hydra.run.dir={tmp_path / 'run2'}",
-                          f"pipeline.teacher_ckpt={teacher_ckpt}")
+                          f"pipeline.teacher_ckpt={teacher_ckpt}", "pipeline.compare.robustness.enabled=true")
     assert seeded.returncode == 0, seeded.stderr[-3000:]
     assert not (tmp_path / "run2" / "teacher").exists()
     aside = list((tmp_path / "run2").glob("student.incomplete-*"))
@@ -68,3 +72,6 @@ def test_pipeline_on_jpeg_folders_ends_in_a_comparison_and_reuses_the_teacher(tm
     rows = json.loads((tmp_path / "run2" / "comparison.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["teacher", "student alone", "student distilled"]
     assert rows[0]["test_acc1"] == pytest.approx(comparison["rows"][0]["test_acc1"])  # the same teacher
+    for row in rows:  # robustness on request: PGD is at least as strong as FGSM
+        assert row["acc_pgd"] <= row["acc_fgsm"] + 1 / 12 + 1e-9  # one image of slack in 12
+        assert 0.0 <= row["acc_noise"] <= 1.0 and 0.0 <= row["acc_blur"] <= 1.0

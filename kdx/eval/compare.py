@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kdx.eval.profile import profile_models
+from kdx.eval.robustness import calibration, robustness as robust_accuracy
 from kdx.io import atomic_path, atomic_write_text, write_json
 
 # column key -> (header, format) of the comparison table, in display order
@@ -15,33 +16,47 @@ COLUMNS = {
     "model": ("model", "{}"), "architecture": ("architecture", "{}"), "params": ("params", "{:,}"),
     "macs": ("MACs", "{:,}"), "size_mb": ("size (MB)", "{:.2f}"), "latency_ms": ("latency b=1 (ms)", "{:.2f}"),
     "images_per_s": ("images/s b=64", "{:,.0f}"), "test_acc1": ("test top-1", "{:.4f}"),
-    "agreement": ("agreement w/ teacher", "{:.4f}"),
+    "agreement": ("agreement w/ teacher", "{:.4f}"), "ece": ("ECE", "{:.4f}"), "nll": ("NLL", "{:.4f}"),
+    "acc_fgsm": ("top-1 FGSM", "{:.4f}"), "acc_pgd": ("top-1 PGD", "{:.4f}"), "acc_noise": ("top-1 noise", "{:.4f}"),
+    "acc_blur": ("top-1 blur", "{:.4f}"),
 }
 
 
 @torch.inference_mode()
+def predict_logits(net: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of `net` over (x, y) batches, on the CPU in eval mode."""
+    net = net.cpu().eval()
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(net(x).float())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(labels)
+
+
 def predict(net: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 predictions and labels of `net` over (x, y) batches, on the CPU in eval mode."""
-    net = net.cpu().eval()
-    preds, labels = [], []
-    for x, y in batches:
-        preds.append(net(x).argmax(-1))
-        labels.append(torch.as_tensor(y))
-    return torch.cat(preds), torch.cat(labels)
+    logits, labels = predict_logits(net, batches)
+    return logits.argmax(-1), labels
 
 
 def compare_classifiers(models: Sequence[tuple[str, str, nn.Module]], batches: Sequence, input_shape: Sequence[int],
-                        reference: str | None = None, **profile_kwargs: Any) -> list[dict[str, Any]]:
-    """One row per (label, architecture, net): cost (timings interleaved between the models), test top-1 and
-    agreement with the `reference` model."""
+                        reference: str | None = None, robustness: dict[str, Any] | None = None,
+                        **profile_kwargs: Any) -> list[dict[str, Any]]:
+    """One row per (label, architecture, net): cost (timings interleaved between the models), test top-1,
+    calibration (ECE, NLL, reliability bins) and agreement with the `reference` model; with `robustness`
+    (keyword arguments of kdx.eval.robustness.robustness, `space` included) also accuracy under attacks and
+    corruptions."""
     rows, predictions = [], {}
     costs = profile_models({label: net for label, _, net in models}, {label: input_shape for label, _, _ in models},
                            **profile_kwargs)
     for label, arch, net in models:
-        preds, labels = predict(net, batches)
+        logits, labels = predict_logits(net, batches)
+        preds = logits.argmax(-1)
         predictions[label] = preds
         rows.append({"model": label, "architecture": arch, **costs[label],
-                     "test_acc1": (preds == labels).float().mean().item()})
+                     "test_acc1": (preds == labels).float().mean().item(), **calibration(logits, labels)})
+        if robustness:
+            rows[-1].update(robust_accuracy(net, batches, **robustness))
     reference = reference or models[0][0]
     for row in rows:
         row["agreement"] = (predictions[row["model"]] == predictions[reference]).float().mean().item()
@@ -159,6 +174,32 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, metric: str = "t
     return scales
 
 
+def plot_reliability(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """A reliability diagram: accuracy against mean confidence per confidence bin, one line per model, with
+    the diagonal of perfect calibration; each model's ECE in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for row in rows:
+        bins = row.get("reliability") or []
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
+                label=f"{row['model']} (ECE {row.get('ece', float('nan')):.3f})")
+    ax.set_xlabel("confidence (top softmax probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("reliability on the test set", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str, extra: dict[str, Any] | None = None,
                      columns: dict[str, tuple[str, str]] = COLUMNS, metric: str = "test_acc1",
                      metric_label: str = "test top-1") -> dict[str, Path]:
@@ -170,4 +211,7 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | Path, title:
     atomic_write_text(paths["md"], f"# {title}\n\n{format_table(rows, columns)}\n\n{notes}\n")
     write_json(paths["json"], {"title": title, "rows": list(rows), **({"notes": extra} if extra else {})})
     plot_comparison(rows, paths["png"], metric, metric_label)
+    if any(r.get("reliability") for r in rows):
+        paths["reliability"] = out_dir / "reliability.png"
+        plot_reliability(rows, paths["reliability"])
     return paths
