@@ -128,6 +128,9 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
                                latency_runs=int(opts.get("latency_runs", 30)),
                                throughput_batch=int(opts.get("throughput_batch", 64)),
                                throughput_runs=int(opts.get("throughput_runs", 5)), threads=opts.get("threads"))
+    if opts.get("export_onnx"):
+        export_student_onnx(run_dir, stages, models, rows, (dm.in_chans, dm.image_size, dm.image_size),
+                            opts.get("threads"))
     title = f"{cfg.get('run_name')}: teacher vs student on the test set ({sum(len(b[1]) for b in batches)} images)"
     extra = {"data": first.data.get("name"),
              "latency": "CPU, eval mode, batch 1: median over rounds in which the models take turns (interleaved), "
@@ -142,6 +145,34 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
     print_table(rows, title)
     print(f"[kdx] comparison written to {', '.join(str(p) for p in paths.values())}", flush=True)
     return {"rows": rows, "files": {k: str(v) for k, v in paths.items()}}
+
+
+def export_student_onnx(run_dir: Path, stages: dict[str, dict], models: list, rows: list[dict[str, Any]],
+                        input_shape: Sequence[int], threads: Any = 1) -> Path | None:
+    """pipeline.compare.export_onnx: write the distilled student to <run>/student_distilled.onnx (checked against
+    PyTorch by kdx.export, which fails above its tolerance), and add its onnxruntime batch-1 latency, timed in
+    rounds interleaved with PyTorch's, to the distilled row. The file is derived from the kd checkpoint and
+    rewritten with it."""
+    from kdx.eval.profile import torch_vs_onnx_latency
+    from kdx.export import export_network
+
+    distilled = [(name, result) for name, result in stages.items() if STAGE_LABELS.get(name) == "student distilled"]
+    if not distilled or not (distilled[0][1].get("checkpoints") or {}).get("best"):
+        return None
+    name, result = distilled[0]
+    out = run_dir / "student_distilled.onnx"
+    report = export_network(result["checkpoints"]["best"], out, format="onnx", overwrite=True,
+                            log=lambda m: print(f"[kdx] export: {m}", flush=True))
+    net = next(net for label, _, net in models if label == "student distilled")
+    row = next(r for r in rows if r["model"] == "student distilled")
+    timing = torch_vs_onnx_latency(net, str(out), input_shape, threads=int(threads) if threads else None)
+    row.update(onnx_file=str(out), onnx_max_abs_diff=report["max_abs_diff"],
+               onnx_latency_ms=timing["onnx_latency_ms"], onnx_latency_q1_ms=timing["onnx_latency_q1_ms"],
+               onnx_latency_q3_ms=timing["onnx_latency_q3_ms"], torch_latency_paired_ms=timing["torch_latency_ms"])
+    print(f"[kdx] exported the distilled student to {out} (max |torch - onnx| = {report['max_abs_diff']:.2g}); "
+          f"batch-1 latency: PyTorch {timing['torch_latency_ms']:.2f} ms, onnxruntime "
+          f"{timing['onnx_latency_ms']:.2f} ms (interleaved)", flush=True)
+    return out
 
 
 def compare_stages(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_cfgs: dict[str, DictConfig]):

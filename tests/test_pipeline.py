@@ -64,7 +64,8 @@ def test_pipeline_on_jpeg_folders_ends_in_a_comparison_and_reuses_the_teacher(tm
     (tmp_path / "run2" / "student").mkdir(parents=True)
     (tmp_path / "run2" / "student" / "results.json").write_text('{"status": "failed"}')
     seeded = run_pipeline(tmp_path, "distill.temperature=2", f"hydra.run.dir={tmp_path / 'run2'}",
-                          f"pipeline.teacher_ckpt={teacher_ckpt}", "pipeline.compare.robustness.enabled=true")
+                          f"pipeline.teacher_ckpt={teacher_ckpt}", "pipeline.compare.robustness.enabled=true",
+                          "pipeline.compare.export_onnx=true")
     assert seeded.returncode == 0, seeded.stderr[-3000:]
     assert not (tmp_path / "run2" / "teacher").exists()
     aside = list((tmp_path / "run2").glob("student.incomplete-*"))
@@ -75,3 +76,8 @@ def test_pipeline_on_jpeg_folders_ends_in_a_comparison_and_reuses_the_teacher(tm
     for row in rows:  # robustness on request: PGD is at least as strong as FGSM
         assert row["acc_pgd"] <= row["acc_fgsm"] + 1 / 12 + 1e-9  # one image of slack in 12
         assert 0.0 <= row["acc_noise"] <= 1.0 and 0.0 <= row["acc_blur"] <= 1.0
+    exported = rows[2]  # the distilled student, exported, checked and timed in onnxruntime next to PyTorch
+    onnx_file = tmp_path / "run2" / "student_distilled.onnx"
+    assert exported["onnx_file"] == str(onnx_file) and onnx_file.is_file() and onnx_file.with_suffix(".onnx.json").is_file()
+    assert exported["onnx_max_abs_diff"] < 1e-4 and exported["onnx_latency_ms"] > 0 and exported["torch_latency_paired_ms"] > 0
+    assert "onnxruntime b=1 (ms)" in (tmp_path / "run2" / "comparison.md").read_text()

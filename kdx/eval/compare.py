@@ -18,7 +18,7 @@ COLUMNS = {
     "images_per_s": ("images/s b=64", "{:,.0f}"), "test_acc1": ("test top-1", "{:.4f}"),
     "agreement": ("agreement w/ teacher", "{:.4f}"), "ece": ("ECE", "{:.4f}"), "nll": ("NLL", "{:.4f}"),
     "acc_fgsm": ("top-1 FGSM", "{:.4f}"), "acc_pgd": ("top-1 PGD", "{:.4f}"), "acc_noise": ("top-1 noise", "{:.4f}"),
-    "acc_blur": ("top-1 blur", "{:.4f}"),
+    "acc_blur": ("top-1 blur", "{:.4f}"), "onnx_latency_ms": ("onnxruntime b=1 (ms)", "{:.2f}"),
 }
 
 
@@ -63,7 +63,8 @@ def compare_classifiers(models: Sequence[tuple[str, str, nn.Module]], batches: S
     return rows
 
 
-SPREAD = {"latency_ms": ("latency_q1_ms", "latency_q3_ms"), "images_per_s": ("images_per_s_q1", "images_per_s_q3")}
+SPREAD = {"latency_ms": ("latency_q1_ms", "latency_q3_ms"), "images_per_s": ("images_per_s_q1", "images_per_s_q3"),
+          "onnx_latency_ms": ("onnx_latency_q1_ms", "onnx_latency_q3_ms")}
 
 
 def spread_text(row: dict[str, Any], key: str, columns: dict[str, tuple[str, str]]) -> str:

@@ -161,3 +161,40 @@ def profile_model(net: nn.Module, input_shape: Sequence[int], latency_runs: int 
     CPU, with interquartile ranges; to compare models, time them together with profile_models."""
     return profile_models({"net": net}, {"net": input_shape}, latency_runs, throughput_batch, throughput_runs,
                           threads)["net"]
+
+
+def onnx_runner(path: str, input_shape: Sequence[int], batch_size: int = 1, threads: int | None = 1
+                ) -> Callable[[], Any]:
+    """A no-argument callable: one onnxruntime CPU inference of the ONNX file at `path` on a random batch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
+        (batch_size, *input_shape)).astype(np.float32)}
+    return lambda: session.run(None, feed)
+
+
+def torch_vs_onnx_latency(net: nn.Module, onnx_path: str, input_shape: Sequence[int], rounds: int = 10,
+                          threads: int | None = 1) -> dict[str, float]:
+    """Batch-1 latency of a network in PyTorch and of its ONNX export in onnxruntime, timed in interleaved
+    rounds (the same discipline as the comparison's), as medians with interquartile ranges, in ms."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        times = interleaved_times({"torch": forward_runner(net.cpu().eval(), input_shape, 1),
+                                   "onnx": onnx_runner(onnx_path, input_shape, 1, threads)},
+                                  rounds=max(3, int(rounds)), budget_s=LATENCY_BUDGET_S)
+    finally:
+        torch.set_num_threads(previous)
+    out = {}
+    for name, values in times.items():
+        q1, median, q3 = quartiles(values)
+        out[f"{name}_latency_ms"], out[f"{name}_latency_q1_ms"], out[f"{name}_latency_q3_ms"] = \
+            median * 1000, q1 * 1000, q3 * 1000
+    return out
