@@ -28,7 +28,9 @@ demo-face: $(STAMP)
 # Two pytest workers on two cores: one torch thread each, or they fight over the cores.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1
 
+# lint-imports first: the layers of pyproject.toml's [tool.importlinter] contract import only downwards.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --durations=15
 
 test-fast: $(STAMP)

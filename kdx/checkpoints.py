@@ -164,3 +164,35 @@ def check_resume_fits(path: str | Path, module: nn.Module, checkpoint: dict[str,
         raise CheckpointError(f"cannot resume from {path}: it was written by a different network ({detail}); resume "
                               f"with the config the run was started with, or start a new run (drop resume=)")
 
+
+def load_embedding_model(path: str | Path, **onnx_kwargs) -> nn.Module:
+    """An embedding network from an .onnx file or a kdx face checkpoint (read without running code)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist; pass an .onnx file or a torch checkpoint")
+    if path.suffix.lower() == ".onnx":
+        from kdx.models.onnx_teacher import OnnxEmbeddingModel
+
+        return OnnxEmbeddingModel(path, **onnx_kwargs)
+    from kdx.io import safe_torch_load
+
+    obj = safe_torch_load(path, what="model file")  # weights_only: a pickled model (code) is refused, named
+    if isinstance(obj, dict):
+        spec = (obj.get("kdx") or {}).get("embedding_model") or (obj.get("hyper_parameters") or {}).get("embedding_model")
+        if spec:
+            from kdx.models.embedding import build_embedding_model
+
+            model = build_embedding_model(spec["name"], int(spec.get("embedding_size", 512)),
+                                          in_chans=int(spec.get("in_chans", 3)),
+                                          input_size=spec.get("input_size", 112), **dict(spec.get("kwargs") or {}))
+            state = obj.get("state_dict", obj)
+            prefix = (obj.get("kdx") or {}).get("network_prefix", "net.")
+            if any(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing:
+                raise CheckpointError(f"{path} lacks {len(missing)} weights of {spec['name']} (first: {missing[:3]}); "
+                                      "is it a checkpoint of this model?")
+            return model.eval()
+    raise CheckpointError(f"{path} is not a kdx face checkpoint (it has no kdx.embedding_model section); pass a "
+                          "checkpoint written by kdx-train with a face task, or export the model to .onnx")

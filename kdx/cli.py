@@ -93,7 +93,8 @@ def _train(cfg: DictConfig) -> float | None:
 
 def _train_job(cfg: DictConfig) -> float | None:
     from kdx.sweep import job_return_value
-    from kdx.train import _is_global_zero_process, print_results, run_training
+    from kdx.ranks import is_global_zero_process
+    from kdx.train import print_results, run_training
 
     multirun = _is_multirun()
     run_dir = _run_dir()
@@ -118,7 +119,7 @@ def _train_job(cfg: DictConfig) -> float | None:
         print(f"kdx: job {run_dir} failed: {kind}{message}", file=sys.stderr, flush=True)
         _record_failure(run_dir, e)
         return float("nan")
-    if not _is_global_zero_process():
+    if not is_global_zero_process():
         return None
     print_results(results)
     return job_return_value(results, cfg.get("optimized_metric"))

@@ -1,7 +1,7 @@
 """Export a trained kdx network (the student) to ONNX or TorchScript, and check that the export computes the same.
 
 `export_network(ckpt, out)` rebuilds the network from the kdx checkpoint alone (a classifier through
-`kdx.checkpoints.load_network`, a face embedding net through `kdx.eval.cli.load_embedding_model`), exports it in
+`kdx.checkpoints.load_network`, a face embedding net through `kdx.checkpoints.load_embedding_model`), exports it in
 eval mode for the input the checkpoint records (in_chans x image size), writes it through a temporary file and a
 rename, runs the same random batches through torch and through the exported file (onnxruntime, or the loaded
 TorchScript module), and writes `<out>.json` next to it: class names, input and output, normalisation when the
@@ -122,7 +122,7 @@ def load_export_network(ckpt_path: str | Path, input_size: Sequence[int] | None 
         raise CheckpointError(f"{path} is not a kdx checkpoint (it has no kdx section naming the network); pass a "
                               f"checkpoint written by kdx-train (<run>/checkpoints/best.ckpt)")
     if "embedding_model" in meta:  # a face run: the embedding network, without its margin head
-        from kdx.eval.cli import load_embedding_model
+        from kdx.checkpoints import load_embedding_model
 
         spec = meta["embedding_model"]
         net = load_embedding_model(path)

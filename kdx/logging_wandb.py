@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from kdx.io import read_results
+from kdx.ranks import is_global_zero_process
 
 RUN_ID_FILE = "wandb-run-id"  # in the run folder: the W&B run id this folder logs to
 LOGGER_KEYS = ("project", "entity", "group", "tags", "name", "notes", "job_type", "mode", "log_model")
@@ -79,9 +80,8 @@ def run_id_for(run_dir: Path) -> str:
     import string
 
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    from kdx.train import _is_global_zero_process
 
-    if _is_global_zero_process():
+    if is_global_zero_process():
         from kdx.io import atomic_write_text
 
         atomic_write_text(path, run_id + "\n")

@@ -1,8 +1,9 @@
 """Sweeps and re-runs: where a run or sweep writes (`resume=`), what a re-run does with a folder that already
 holds a run (skip, resume, set aside), the end-of-sweep summary, and DDP jobs isolated in their own process.
 
-`python -m kdx.sweep RUN_DIR` is the DDP worker: it trains the config saved in RUN_DIR/config.yaml in a fresh
-process tree, so that Lightning's `ddp` launcher re-runs that worker (not the Hydra multirun) for ranks > 0.
+`run_ddp_worker` starts the DDP worker (`python -m kdx.ddp_worker RUN_DIR`): it trains the config saved in
+RUN_DIR/config.yaml in a fresh process tree, so that Lightning's `ddp` launcher re-runs that worker (not the
+Hydra multirun) for ranks > 0.
 """
 from __future__ import annotations
 
@@ -226,30 +227,11 @@ def needs_isolated_ddp(trainer_cfg: dict[str, Any]) -> bool:
 
 
 def run_ddp_worker(run_dir: Path, resume_ckpt: Path | None) -> int:
-    """Train the config saved in `run_dir` in a fresh process (`python -m kdx.sweep RUN_DIR`); its exit code."""
+    """Train the config saved in `run_dir` in a fresh process (`python -m kdx.ddp_worker RUN_DIR`); its exit code."""
     import subprocess
 
     env = dict(os.environ)
     env[RESUME_CKPT_ENV] = str(resume_ckpt) if resume_ckpt else ""
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(key, None)
-    return subprocess.call([sys.executable, "-m", "kdx.sweep", str(run_dir)], env=env)
-
-
-def _worker_main(argv: list[str]) -> int:
-    from kdx.errors import KdxError
-    from kdx.train import run_training
-
-    run_dir = Path(argv[0]).resolve()
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    previous = read_results(run_dir) or {}
-    try:
-        run_training(cfg, run_dir, previous.get("overrides") or [], _worker=True)
-    except KdxError as e:
-        print(f"kdx: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+    return subprocess.call([sys.executable, "-m", "kdx.ddp_worker", str(run_dir)], env=env)

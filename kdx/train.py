@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kdx
 from kdx.checkpoints import load_network
+from kdx.configs import build_datamodule, to_dict
 from kdx.errors import CheckpointError, ConfigError, KdxError, NonFiniteError, RunExistsError, RunInterrupted
 from kdx.io import (RESULTS_FILE, atomic_path, atomic_write_text, claim_folder, clean_stale_temporaries, config_hash,
                     read_results, release_folder, write_json)
@@ -29,14 +30,11 @@ from kdx.lit.distill import apply_teacher_cache
 from kdx.distill import build_distiller_set, enable_sample_indices, split_distill_config
 from kdx.models import build_model, find_head
 from kdx.progress import RunClock
+from kdx.ranks import is_global_zero_process, is_rank_zero
+from kdx.sweep import LAST_CKPT, RESUME_CKPT_ENV, needs_isolated_ddp, run_ddp_worker, set_aside
 from kdx.trainer import build_trainer
 
 TASKS = ("supervised", "transfer", "distill", "probe", "face", "face_distill")
-
-
-def to_dict(node: Any) -> Any:
-    """A plain Python container from an OmegaConf node (resolved), or the value itself."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -119,17 +117,6 @@ def validate_numbers(cfg: DictConfig) -> None:
                 _check_number(cfg, f"{prefix}.temperature", 0, low_open=True)
             if "weight" in section:
                 _check_number(cfg, f"{prefix}.weight", 0)
-
-
-def build_datamodule(data_cfg: DictConfig):
-    """Instantiate the datamodule of `data._target_`; unknown keys are reported by name."""
-    from hydra.utils import instantiate
-
-    kwargs = {k: v for k, v in to_dict(data_cfg).items() if k not in ("name",)}
-    try:
-        return instantiate(kwargs, _convert_="all")
-    except Exception as e:  # hydra wraps TypeError for unknown arguments
-        raise ConfigError(f"the data config cannot build {kwargs.get('_target_')}: {e.__cause__ or e}") from e
 
 
 def build_network(spec: DictConfig, num_classes: int, in_chans: int) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -285,7 +272,6 @@ def check_run_dir(run_dir: Path, cfg: DictConfig | None = None, multirun: bool =
     without resume= or force= that is a RunExistsError. In a multirun, finished jobs are skipped and
     interrupted ones with the same config resumed (a changed one is set aside).
     """
-    from kdx.sweep import LAST_CKPT, set_aside
 
     run_dir = Path(run_dir)
     resume = _resume_value(cfg) if cfg is not None else False
@@ -384,14 +370,6 @@ def _merge_csv_parts(run_dir: Path) -> None:
         path.unlink()
 
 
-def _is_global_zero_process() -> bool:
-    """True in the process that owns the run folder (rank 0 of node 0), judged from the launch environment."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
-        if os.environ.get(key, "0") not in ("0", ""):
-            return False
-    return _is_rank_zero()
-
-
 def _is_interrupt(error: BaseException, trainer: pl.Trainer | None) -> bool:
     """True for Ctrl-C and SIGTERM: Lightning turns Ctrl-C during fit/test into SystemExit(1) after marking
     the trainer interrupted, and SIGTERM into SIGTERMException."""
@@ -408,7 +386,6 @@ def _interrupt_name(error: BaseException) -> str:
 
 def _kept_checkpoints(run_dir: Path, ckpt_cb: Any) -> dict[str, str | None]:
     """The checkpoint files on disk: best (by checkpoint.monitor) and last (end of the last finished epoch)."""
-    from kdx.sweep import LAST_CKPT
 
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     last = run_dir / LAST_CKPT
@@ -441,7 +418,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | No
     """
     run_dir = Path(run_dir).resolve()
     validate_config(cfg)
-    claim = _is_global_zero_process() and not _worker  # the isolated DDP worker runs under its parent's claim
+    claim = is_global_zero_process() and not _worker  # the isolated DDP worker runs under its parent's claim
     if claim:
         claim_folder(run_dir)
     try:
@@ -454,9 +431,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | No
 def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *, multirun: bool, _worker: bool,
                   resume_command: str | None) -> dict[str, Any]:
     from kdx.checkpoints import check_resume_fits, read_checkpoint
-    from kdx.sweep import RESUME_CKPT_ENV, needs_isolated_ddp, run_ddp_worker
 
-    owner = _is_global_zero_process()
+    owner = is_global_zero_process()
     if _worker or not owner:  # rank 0 already decided; it passes the checkpoint to resume from in the environment
         resume_ckpt = Path(os.environ[RESUME_CKPT_ENV]) if os.environ.get(RESUME_CKPT_ENV) else None
         action = "resume" if resume_ckpt else "fresh"
@@ -562,7 +538,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *
         try:
             _finish_wandb(trainer, results, failed=True)
         finally:
-            if _is_rank_zero():
+            if is_rank_zero():
                 write_json(run_dir / RESULTS_FILE, results)
         if interrupted:
             if kept["last"]:
@@ -575,7 +551,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *
         _restore_sigint(sigint)
     results["finished_at"] = datetime.now().isoformat(timespec="seconds")
     _finish_wandb(trainer, results, failed=False)
-    if _is_rank_zero():
+    if is_rank_zero():
         write_json(run_dir / RESULTS_FILE, results)
     return results
 
@@ -640,12 +616,6 @@ def _finish_wandb(trainer: pl.Trainer | None, results: dict[str, Any], failed: b
     from kdx.logging_wandb import finish_wandb
 
     finish_wandb(trainer, results, failed=failed)
-
-
-def _is_rank_zero() -> bool:
-    from pytorch_lightning.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def print_results(results: dict[str, Any], file=sys.stdout) -> None:

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 from kdx.checkpoints import load_network
 from kdx.errors import CheckpointError
-from kdx.eval.cli import load_embedding_model
+from kdx.checkpoints import load_embedding_model
 from kdx.export import (ExportCheckError, ExportError, ExportExistsError, export_main, export_network,
                         sidecar_path)
 

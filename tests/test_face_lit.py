@@ -9,7 +9,7 @@ from PIL import Image
 
 from kdx.data.face import FaceFolderDataModule
 from kdx.errors import ConfigError
-from kdx.eval.cli import load_embedding_model
+from kdx.checkpoints import load_embedding_model
 from kdx.lit.face import (FaceDistillationModule, FaceModule, FaceTeacher, build_face_teacher,
                           build_margin_head, _probe_teacher)
 from kdx.models.embedding import build_embedding_model

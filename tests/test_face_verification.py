@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdx.errors import DataError
-from kdx.eval.verification import VerificationMetric, kfold_indices, roc_auc, verification_metrics
+from kdx.metrics.verification import VerificationMetric, kfold_indices, roc_auc, verification_metrics
 
 
 def _pair(sq_dist, rng_angle):

@@ -4,7 +4,7 @@ A face folder holds one subfolder of aligned face crops per identity. Identities
 into training identities (labels 0..K-1, `num_classes` = K) and held-out identities, from which
 balanced same/different verification pairs are built for validation and test. Training batches are
 `(images, labels)`; evaluation batches are `(images, image_index, pair_is_same)` where images
-2i and 2i+1 form pair i (feed them to `kdx.eval.verification.VerificationMetric`).
+2i and 2i+1 form pair i (feed them to `kdx.metrics.verification.VerificationMetric`).
 """
 from __future__ import annotations
 

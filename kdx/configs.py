@@ -1,0 +1,24 @@
+"""Config helpers every layer may use: plain containers from OmegaConf nodes, and the datamodule of a data config."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdx.errors import ConfigError
+
+
+def to_dict(node: Any) -> Any:
+    """A plain Python container from an OmegaConf node (resolved), or the value itself."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_datamodule(data_cfg: DictConfig):
+    """Instantiate the datamodule of `data._target_`; unknown keys are reported by name."""
+    from hydra.utils import instantiate
+
+    kwargs = {k: v for k, v in to_dict(data_cfg).items() if k not in ("name",)}
+    try:
+        return instantiate(kwargs, _convert_="all")
+    except Exception as e:  # hydra wraps TypeError for unknown arguments
+        raise ConfigError(f"the data config cannot build {kwargs.get('_target_')}: {e.__cause__ or e}") from e
