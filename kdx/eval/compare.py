@@ -176,8 +176,9 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, metric: str = "t
 
 
 def plot_reliability(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """A reliability diagram: accuracy against mean confidence per confidence bin, one line per model, with
-    the diagonal of perfect calibration; each model's ECE in the legend."""
+    """A reliability diagram: accuracy against mean confidence per confidence bin (bins holding at least 5
+    images and 0.2% of them), one line per model, with the diagonal of perfect calibration; each model's ECE
+    (over every bin) in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,8 +186,10 @@ def plot_reliability(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="perfectly calibrated")
-    for row in rows:
-        bins = row.get("reliability") or []
+    for row in rows:  # bins of a handful of images are noise, not calibration: they are left off the line
+        every = row.get("reliability") or []
+        least = max(5, int(0.002 * sum(b["count"] for b in every)))
+        bins = [b for b in every if b["count"] >= least]
         ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
                 label=f"{row['model']} (ECE {row.get('ece', float('nan')):.3f})")
     ax.set_xlabel("confidence (top softmax probability)")
@@ -194,7 +197,7 @@ def plot_reliability(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("reliability on the test set", fontsize=10)
+    ax.set_title("reliability on the test set (bins of 5+ images, 0.2%+ of them)", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
