@@ -11,12 +11,16 @@ from collections import OrderedDict
 from pathlib import Path, PurePath
 from typing import Any
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from kdx.errors import CheckpointError, NonFiniteError
 from kdx.io import safe_torch_load
-from kdx.models import build_model
+from kdx.losses.margin import CombinedMarginHead, build_margin_head
+from kdx.models import build_embedding_model, build_model, strip_prefix
+from kdx.models.onnx_teacher import OnnxEmbeddingModel
 
 # Sections of a Lightning checkpoint that only describe the run (what kdx and Lightning record about the
 # module, the datamodule and the network). Lightning copies `save_hyperparameters()` arguments into them
@@ -39,27 +43,17 @@ def to_plain(value: Any) -> Any:
         return to_plain(value.value)
     if isinstance(value, PurePath):
         return str(value)
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return to_plain(OmegaConf.to_container(value, resolve=True))
-    except ImportError:  # pragma: no cover
-        pass
+    if OmegaConf.is_config(value):
+        return to_plain(OmegaConf.to_container(value, resolve=True))
     if isinstance(value, dict):
         return {(k if isinstance(k, (str, int, float, bool, type(None))) else str(k)): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [to_plain(v) for v in (sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value)]
         return tuple(items) if isinstance(value, tuple) else items
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return torch.from_numpy(value.copy()) if value.dtype != object else to_plain(value.tolist())
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy()) if value.dtype != object else to_plain(value.tolist())
     return str(value)
 
 
@@ -142,8 +136,7 @@ def load_network(path: str | Path, num_classes: int | None = None) -> tuple[nn.M
                               f"{num_classes}; use a checkpoint trained on this dataset")
     net = build_model(meta["model_name"], num_classes=int(meta["num_classes"]), in_chans=int(meta.get("in_chans", 3)),
                       **dict(meta.get("model_kwargs") or {}))
-    prefix = meta.get("network_prefix", "net.")
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = strip_prefix(ckpt["state_dict"], meta.get("network_prefix", "net."))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks weights for {missing[:3]}...; it does not match {meta['model_name']}")
@@ -171,24 +164,16 @@ def load_embedding_model(path: str | Path, **onnx_kwargs) -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist; pass an .onnx file or a torch checkpoint")
     if path.suffix.lower() == ".onnx":
-        from kdx.models.onnx_teacher import OnnxEmbeddingModel
-
         return OnnxEmbeddingModel(path, **onnx_kwargs)
-    from kdx.io import safe_torch_load
-
     obj = safe_torch_load(path, what="model file")  # weights_only: a pickled model (code) is refused, named
     if isinstance(obj, dict):
         spec = (obj.get("kdx") or {}).get("embedding_model") or (obj.get("hyper_parameters") or {}).get("embedding_model")
         if spec:
-            from kdx.models.embedding import build_embedding_model
-
             model = build_embedding_model(spec["name"], int(spec.get("embedding_size", 512)),
                                           in_chans=int(spec.get("in_chans", 3)),
                                           input_size=spec.get("input_size", 112), **dict(spec.get("kwargs") or {}))
-            state = obj.get("state_dict", obj)
-            prefix = (obj.get("kdx") or {}).get("network_prefix", "net.")
-            if any(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = strip_prefix(obj.get("state_dict", obj), (obj.get("kdx") or {}).get("network_prefix", "net."),
+                                 required=False)
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing:
                 raise CheckpointError(f"{path} lacks {len(missing)} weights of {spec['name']} (first: {missing[:3]}); "
@@ -196,3 +181,20 @@ def load_embedding_model(path: str | Path, **onnx_kwargs) -> nn.Module:
             return model.eval()
     raise CheckpointError(f"{path} is not a kdx face checkpoint (it has no kdx.embedding_model section); pass a "
                           "checkpoint written by kdx-train with a face task, or export the model to .onnx")
+
+
+def load_face_checkpoint(path: str | Path) -> tuple[nn.Module, CombinedMarginHead | None, dict[str, Any]]:
+    """(embedding net, margin head or None, kdx metadata) of a checkpoint written by a face run."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("kdx") if isinstance(ckpt, dict) else None
+    if not meta or "embedding_model" not in meta:
+        raise CheckpointError(f"checkpoint {path} is not a kdx face checkpoint (no kdx.embedding_model); "
+                              "pass the best.ckpt of a task=face run, or an ONNX model as teacher.onnx")
+    net = load_embedding_model(path)
+    head = None
+    head_state = strip_prefix(ckpt.get("state_dict", {}), meta.get("head_prefix", "head."))
+    if head_state and "weight" in head_state:
+        head = build_margin_head(int(meta["embedding_model"]["embedding_size"]), int(meta["num_classes"]),
+                                 **(meta.get("margin") or {}))
+        head.load_state_dict(head_state)
+    return net, head, meta

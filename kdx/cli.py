@@ -1,15 +1,29 @@
-"""Console entry points. Thin: compose the config with Hydra, then call into the package."""
+"""Console entry points. Thin: compose the config with Hydra, then call into the package.
+
+The training stack (torch, Lightning, kdx.train, kdx.pipeline) is imported when a job starts, not when this
+module loads, so `--help`, `--cfg job` and a misspelled override answer within a second.
+"""
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 import kdx.conf as conf_package
 from kdx.errors import KdxError, RunInterrupted
-from kdx.sweep import register_resolvers
+from kdx.io import RESULTS_FILE, read_results, write_json
+from kdx.overrides import check_added_keys, explain_composition_error
+from kdx.ranks import is_global_zero_process
+from kdx.runs import current_sweep_dir, job_return_value, register_resolvers
 
 register_resolvers()  # ${kdx.run_dir:...} in hydra.run.dir / hydra.sweep.dir (resume=)
 CONFIG_PACKAGE = "pkg://kdx.conf"  # the configs ship inside the package: a checkout and a wheel find them alike
@@ -22,52 +36,24 @@ def _fail(error: KdxError) -> None:
 
 
 def _run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 
 def _task_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
     return list(HydraConfig.get().overrides.task)
 
 
 def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _check_overrides(cfg: DictConfig, overrides: list[str]) -> None:
-    """A `+key` that nothing reads, and text given where the defaults hold a number or boolean
-    (distill.temperature=abc), are ConfigErrors naming the key."""
-    from hydra import compose
-
-    from kdx.overrides import check_added_keys
-    from kdx.sweep import check_override_types
-
-    check_added_keys(cfg, overrides, CONFIG_DIR)
-    dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0] and not o.startswith("hydra.")]
-    if not dotted:
-        return
-    groups = [o for o in overrides if o not in dotted]
-    check_override_types(cfg, compose(config_name="train", overrides=[*_search_path_overrides(), *groups]), dotted)
-
-
 def _search_path_overrides() -> list[str]:
-    """The user's `hydra.searchpath=[...]` (their own config folders), for composing configs again in-process."""
-    from hydra.core.hydra_config import HydraConfig
-
+    """The user's `hydra.searchpath=[...]` (their own config folders), for composing the stages of a pipeline."""
     return [o for o in HydraConfig.get().overrides.hydra if o.lstrip("+").startswith("hydra.searchpath")]
 
 
 def _name_sweep_job(cfg: DictConfig) -> None:
     """In a multirun, tie W&B runs of one sweep together (group = run_name-sweep folder) and name each job."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
     wandb_cfg = cfg.get("logger", {}).get("wandb") if cfg.get("logger") else None
     if wandb_cfg is None:
         return
@@ -92,14 +78,12 @@ def _train(cfg: DictConfig) -> float | None:
 
 
 def _train_job(cfg: DictConfig) -> float | None:
-    from kdx.sweep import job_return_value
-    from kdx.ranks import is_global_zero_process
-    from kdx.train import print_results, run_training
+    from kdx.train import print_results, run_training  # the training stack, once a job starts (module docstring)
 
     multirun = _is_multirun()
     run_dir = _run_dir()
     try:
-        _check_overrides(cfg, _task_overrides())
+        check_added_keys(cfg, _task_overrides(), CONFIG_DIR)  # a `+key` nothing reads; the values: kdx.tasks
         if multirun:
             _name_sweep_job(cfg)
         results = run_training(cfg, run_dir, _task_overrides(), multirun=multirun,
@@ -127,10 +111,6 @@ def _train_job(cfg: DictConfig) -> float | None:
 
 def _sweep_resume_command() -> str:
     """The command that re-runs this sweep, skipping finished jobs and resuming interrupted ones."""
-    import shlex
-
-    from hydra.core.hydra_config import HydraConfig
-
     sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
     kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "force="))]
     return " ".join(["kdx-train", *map(shlex.quote, kept), shlex.quote(f"resume={sweep_dir}")])
@@ -138,8 +118,6 @@ def _sweep_resume_command() -> str:
 
 def _record_failure(run_dir: Path, error: BaseException) -> None:
     """Write results.json status=failed for a job that failed before run_training could (bad config)."""
-    from kdx.io import RESULTS_FILE, read_results, write_json
-
     previous = read_results(run_dir)
     if previous and previous.get("status") in ("failed", "completed", "interrupted"):
         return  # run_training recorded it, or the job is a finished run left untouched
@@ -158,10 +136,8 @@ def _pipeline(cfg: DictConfig) -> None:
 
 
 def _pipeline_job(cfg: DictConfig) -> None:
-    from hydra import compose
-
-    from kdx.overrides import check_added_keys
-    from kdx.pipeline import compare_stages, run_pipeline
+    from kdx.pipeline import compare_stages, run_pipeline  # the training stack, once a job starts (module docstring)
+    from kdx.train.wandb_logging import log_comparison_to_wandb
 
     overrides = _task_overrides()
     uses_wandb = bool(cfg.get("logger")) and "wandb" in cfg.logger
@@ -174,10 +150,6 @@ def _pipeline_job(cfg: DictConfig) -> None:
                                compose=lambda o: compose(config_name="train", overrides=[*_search_path_overrides(), *o, *extra]),
                                compare=compare_stages)
         if uses_wandb and (summary.get("comparison") or {}).get("rows"):
-            from omegaconf import open_dict
-
-            from kdx.logging_wandb import log_comparison_to_wandb
-
             if extra:
                 with open_dict(cfg):
                     cfg.logger.wandb.group = cfg.run_name
@@ -198,26 +170,17 @@ def _run_hydra_main(main, config_name: str) -> None:
     HYDRA_FULL_ERROR=1 makes Hydra raise such errors instead of printing its multi-line report, so they can
     be explained here; errors raised after composition are left as they are.
     """
-    import os
-
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         main()
     except KeyboardInterrupt:
-        from kdx.sweep import current_sweep_dir
-
         sweep = current_sweep_dir()
         hint = f"; re-run it with the same command plus resume={sweep} (finished jobs are skipped)" if sweep else ""
         print(f"kdx: interrupted{hint}", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as e:
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
         if getattr(e, "_kdx_after_composition", False) or not isinstance(e, (HydraException, OmegaConfBaseException)):
             raise
-        from kdx.overrides import explain_composition_error
-
         _fail(explain_composition_error(e, sys.argv[1:], CONFIG_DIR, config_name))
 
 

@@ -1,8 +1,10 @@
-"""Config helpers every layer may use: plain containers from OmegaConf nodes, and the datamodule of a data config."""
+"""Config helpers every layer may use: plain containers from OmegaConf nodes, the datamodule of a data config,
+and image sizes given as one number or as [height, width]."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdx.errors import ConfigError
@@ -15,10 +17,16 @@ def to_dict(node: Any) -> Any:
 
 def build_datamodule(data_cfg: DictConfig):
     """Instantiate the datamodule of `data._target_`; unknown keys are reported by name."""
-    from hydra.utils import instantiate
-
     kwargs = {k: v for k, v in to_dict(data_cfg).items() if k not in ("name",)}
     try:
         return instantiate(kwargs, _convert_="all")
     except Exception as e:  # hydra wraps TypeError for unknown arguments
         raise ConfigError(f"the data config cannot build {kwargs.get('_target_')}: {e.__cause__ or e}") from e
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an image size given as one number (square) or as [height, width]."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdx.checkpoints import load_embedding_model, load_network, read_checkpoint
 from kdx.errors import CheckpointError, KdxError
+from kdx.io import atomic_path, write_json
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript",
@@ -107,8 +109,6 @@ def load_export_network(ckpt_path: str | Path, input_size: Sequence[int] | None 
     The description holds task, architecture, input shape (C, H, W), output name, class names and the
     normalisation when recorded. Raises CheckpointError for a missing, unreadable or non-kdx file.
     """
-    from kdx.checkpoints import load_network, read_checkpoint
-
     path = Path(ckpt_path).expanduser()
     if path.is_file():  # say "not a checkpoint" for an ONNX, JSON or image file, rather than an unpickling error
         with open(path, "rb") as f:
@@ -122,8 +122,6 @@ def load_export_network(ckpt_path: str | Path, input_size: Sequence[int] | None 
         raise CheckpointError(f"{path} is not a kdx checkpoint (it has no kdx section naming the network); pass a "
                               f"checkpoint written by kdx-train (<run>/checkpoints/best.ckpt)")
     if "embedding_model" in meta:  # a face run: the embedding network, without its margin head
-        from kdx.checkpoints import load_embedding_model
-
         spec = meta["embedding_model"]
         net = load_embedding_model(path)
         task, arch, output = "face", str(spec.get("name")), "embedding"
@@ -227,8 +225,6 @@ def export_network(ckpt_path: str | Path, out_path: str | Path, format: str = "o
     when the export differs by more than that tolerance. On any error the existing output and sidecar are left
     as they were and no temporary file remains.
     """
-    from kdx.io import atomic_path, write_json
-
     fmt = str(format).lower()
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; use onnx or torchscript")

@@ -18,7 +18,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
 from kdx.errors import ConfigError
+from kdx.schemas import TrainerOptions, schema_fields
 
 # Hydra flags that make it print something instead of running: the checks leave those invocations to Hydra.
 _VALUE_FLAGS = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c", "--package",
@@ -63,8 +70,6 @@ def _flatten(node: Any, prefix: str = "") -> list[str]:
 def known_keys(config_dir: str) -> frozenset[str]:
     """Every dotted key any config file under `config_dir` sets, placed by its package (a `# @package
     _global_` file at the root, other files under their group's path)."""
-    from omegaconf import OmegaConf
-
     root = Path(config_dir)
     keys: set[str] = set()
     for path in root.rglob("*.yaml"):
@@ -123,8 +128,6 @@ def check_added_keys(cfg: Any, overrides: Sequence[str], config_dir: str) -> Non
     Keys under trainer.* are checked against pl.Trainer's arguments (and kdx's own trainer keys), data.*
     against the datamodule's arguments; groups whose readers check their keys themselves are left alone.
     """
-    from omegaconf import OmegaConf
-
     added = [o[1:].split("=", 1)[0] for o in overrides if o.startswith("+") and not o.startswith("++") and "=" in o]
     if not added:
         return
@@ -133,11 +136,9 @@ def check_added_keys(cfg: Any, overrides: Sequence[str], config_dir: str) -> Non
         if key.split(".", 1)[0] not in KDX_GROUPS or "." not in key or key.startswith(_OPEN_PREFIXES):
             continue
         if key.startswith("trainer."):
-            import pytorch_lightning as pl
+            import pytorch_lightning as pl  # only for a +trainer.* key: kdx-train's start-up stays light
 
-            from kdx.trainer import KDX_TRAINER_KEYS
-
-            accepted = _signature_keys(pl.Trainer.__init__) | set(KDX_TRAINER_KEYS)
+            accepted = _signature_keys(pl.Trainer.__init__) | set(schema_fields(TrainerOptions))
             name = key.split(".")[1]
             if name not in accepted:
                 raise ConfigError(f"+{key}: pl.Trainer has no argument {name!r}{_hint(_close(name, accepted))} "
@@ -146,8 +147,6 @@ def check_added_keys(cfg: Any, overrides: Sequence[str], config_dir: str) -> Non
         if key.startswith("data."):
             target = OmegaConf.select(cfg, "data._target_", default=None)
             try:
-                from hydra.utils import get_class
-
                 accepted = _signature_keys(get_class(target)) | {"_target_", "name"} if target else set()
             except Exception:
                 accepted = set()
@@ -165,8 +164,6 @@ def check_added_keys(cfg: Any, overrides: Sequence[str], config_dir: str) -> Non
 
 # --------------------------------------------------------------------------- Hydra's composition errors
 def _group_options(group: str) -> list[str]:
-    from hydra.core.global_hydra import GlobalHydra
-
     try:
         return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
     except Exception:
@@ -174,9 +171,6 @@ def _group_options(group: str) -> list[str]:
 
 
 def _composed_keys(config_name: str, overrides: Sequence[str]) -> set[str]:
-    from hydra import compose
-    from omegaconf import OmegaConf
-
     for attempt in (list(overrides), [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]], []):
         try:
             cfg = compose(config_name=config_name, overrides=attempt)
@@ -189,9 +183,6 @@ def _composed_keys(config_name: str, overrides: Sequence[str]) -> set[str]:
 def explain_composition_error(error: BaseException, argv: Sequence[str], config_dir: str,
                               config_name: str) -> ConfigError:
     """One sentence (a ConfigError) for a Hydra error raised while composing the config of `argv`."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     message = str(error).strip()
     overrides = command_line_overrides(argv)
     first = message.splitlines()[0] if message else type(error).__name__
@@ -229,8 +220,6 @@ def explain_composition_error(error: BaseException, argv: Sequence[str], config_
             key = m.group(1)
             return ConfigError(f"+{key}: {key} already exists, and + only adds new keys; write {key}=... to change it")
         if type(error).__name__ == "OverrideParseException":
-            from hydra.core.override_parser.overrides_parser import OverridesParser
-
             parser = OverridesParser.create()
             for o in overrides:
                 try:

@@ -11,10 +11,19 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdx.checkpoints import load_network
+from kdx.configs import build_datamodule, to_dict
 from kdx.errors import ConfigError, RunExistsError
+from kdx.eval import compare_classifiers, print_table, write_comparison
+from kdx.eval.compare import STAGE_LABELS
+from kdx.eval.compare_face import compare_face
+from kdx.eval.profile import torch_vs_onnx_latency
+from kdx.eval.robustness import pixel_space_of
+from kdx.export import export_network
 from kdx.io import read_results, write_json
-from kdx.sweep import set_aside
-from kdx.train import build_datamodule, run_config_hash, run_training, to_dict
+from kdx.progress import format_duration
+from kdx.runs import LAST_CKPT, set_aside
+from kdx.train import run_config_hash, run_training
 
 FORWARD_EXCLUDE = ("pipeline.", "experiment=", "hydra.", "run_name=")
 
@@ -40,8 +49,6 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[
     forwarded = forwarded_overrides(user_overrides)
     stages: dict[str, dict[str, Any]] = {}
     stage_cfgs: dict[str, DictConfig] = {}
-    from kdx.progress import format_duration
-
     started, total = time.monotonic(), len(pipe.stages)
     for number, (name, stage_overrides) in enumerate(pipe.stages.items(), 1):
         label = f"stage {number}/{total} {name}"
@@ -66,8 +73,6 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[
             print(f"[kdx] {label}: reusing the finished run in {stage_dir}", flush=True)
             result = previous
         else:
-            from kdx.sweep import LAST_CKPT
-
             resumable = (previous is not None and previous.get("config_hash") == run_config_hash(stage_cfg)
                          and (stage_dir / LAST_CKPT).is_file())
             if resumable:  # an interrupted stage with the same config continues from its last finished epoch
@@ -94,14 +99,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[
     return summary
 
 
-STAGE_LABELS = {"teacher": "teacher", "student": "student alone", "kd": "student distilled"}
-
 
 def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_cfgs: dict[str, DictConfig]):
     """Load each stage's best checkpoint and write the comparison table on the test set."""
-    from kdx.checkpoints import load_network
-    from kdx.eval import compare_classifiers, print_table, write_comparison
-
     first = next(iter(stage_cfgs.values()))
     dm = build_datamodule(first.data)
     dm.setup("test")
@@ -117,8 +117,6 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
     robust = opts.get("robustness") or {}
     robustness = None
     if robust.get("enabled"):
-        from kdx.eval.robustness import pixel_space_of
-
         robustness = {"space": pixel_space_of(dm), "eps": float(robust.get("eps", 2 / 255)),
                       "pgd_steps": int(robust.get("pgd_steps", 10)),
                       "corruptions": list(robust.get("corruptions", ["noise", "blur"])),
@@ -153,9 +151,6 @@ def export_student_onnx(run_dir: Path, stages: dict[str, dict], models: list, ro
     PyTorch by kdx.export, which fails above its tolerance), and add its onnxruntime batch-1 latency, timed in
     rounds interleaved with PyTorch's, to the distilled row. The file is derived from the kd checkpoint and
     rewritten with it."""
-    from kdx.eval.profile import torch_vs_onnx_latency
-    from kdx.export import export_network
-
     distilled = [(name, result) for name, result in stages.items() if STAGE_LABELS.get(name) == "student distilled"]
     if not distilled or not (distilled[0][1].get("checkpoints") or {}).get("best"):
         return None
@@ -179,8 +174,6 @@ def compare_stages(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stag
     """The comparison of `pipeline.compare.kind`: classification (default) or face verification."""
     kind = (cfg.pipeline.get("compare") or {}).get("kind", "classification")
     if kind == "face":
-        from kdx.eval.compare_face import compare_face
-
         return compare_face(cfg, run_dir, stages, stage_cfgs)
     if kind != "classification":
         raise ConfigError(f"pipeline.compare.kind must be classification or face, got {kind!r}")

@@ -56,6 +56,24 @@ def _console_handlers() -> list[logging.Handler]:
     return handlers
 
 
+def share_library_logs() -> None:
+    """Send Lightning's log records to the root logger's handlers (Hydra's console and its log file in the run
+    folder), as when Lightning is imported after Hydra configured logging.
+
+    Imported before that (kdx's modules import it at start-up), Lightning gives its loggers a console handler
+    of their own and stops them propagating to the root, so its records would miss the run's log file."""
+    if not logging.getLogger().hasHandlers():
+        return
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logger = logging.getLogger(name)
+        if logger.propagate:
+            continue
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # the one added when the library was imported
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def quiet_library_output(sweeper: str | None = None) -> None:
     """Apply the filters above to the warnings module and the console log handlers (idempotent)."""
     if verbose():
@@ -95,4 +113,5 @@ class QuietOutput(_HydraCallback):
         quiet_library_output(self._sweeper(config))
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        quiet_library_output()  # Hydra configures logging again for each job, in each worker process
+        share_library_logs()  # Hydra has just configured logging (again for each job, in each worker process)
+        quiet_library_output()

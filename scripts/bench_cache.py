@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-import kdx.sweep  # noqa: E402,F401  (registers the run-folder resolver)
+import kdx.runs  # noqa: E402,F401  (registers the run-folder resolver)
 from kdx.train import run_training  # noqa: E402
 
 GRID = [(t, a) for t in (1.0, 4.0, 8.0) for a in (0.5, 0.9)]

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdx.lit import DistillationModule
 from kdx.lit.optim import lr_factor
-from kdx.models import build_model, find_head
+from kdx.models import build_model, get_classifier
 
 TEMPERATURE, ALPHA = 4.0, 0.9
-OPTIM = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine"}
+OPTIM = {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine"}
 
 
 class PremadeBatches(Dataset):
@@ -74,7 +74,7 @@ def peak_memory(device) -> float:
 
 
 def _num_classes(model) -> int:
-    return find_head(model)[1].out_features
+    return get_classifier(model).out_features
 
 
 def run_kdx(teacher, student, batches, device, warmup, amp):

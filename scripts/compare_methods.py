@@ -107,7 +107,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import kdx.sweep  # noqa: F401  registers ${kdx.run_dir:...}
+    import kdx.runs  # noqa: F401  registers ${kdx.run_dir:...}
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)

@@ -113,7 +113,7 @@ def kill_once(args: list[str], cwd: Path, watch: Path, log: Path, soak: Soak, rn
     if proc.poll() is not None:
         return False
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     soak.counts["kills"] += 1
     soak.counts["kills during a checkpoint write"] += int(hit_save)
     return True

@@ -38,7 +38,7 @@ def compose_train(overrides: list[str], return_hydra_config: bool = False):
     """The composed kdx-train config for `overrides` (no run)."""
     from hydra import compose, initialize_config_dir
 
-    import kdx.sweep  # noqa: F401  registers ${kdx.run_dir:...}
+    import kdx.runs  # noqa: F401  registers ${kdx.run_dir:...}
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)

@@ -10,7 +10,7 @@ from conftest import compose_train
 from kdx.data.face import FaceFolderDataModule
 from kdx.data.samplers import BalancedSampler, check_sampler
 from kdx.errors import ConfigError
-from kdx.train import build_datamodule
+from kdx.configs import build_datamodule
 
 # 8 identities, 2 of them held out for pairs: whichever two the seeded split holds out, the 6 training
 # identities keep a skew of 10x or more (at least one of 60, 50, 40 images against at least one of 4)

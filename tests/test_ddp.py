@@ -41,7 +41,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
 
 def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path: Path) -> None:
     from kdx.errors import ConfigError
-    from kdx.trainer import build_trainer
+    from kdx.train.trainer import build_trainer
 
     cfg = compose_train(["trainer=ddp", "trainer.accelerator=cpu", "trainer.sync_batchnorm=true"])
     with pytest.raises(ConfigError, match="trainer.sync_batchnorm=true needs GPUs"):

@@ -14,11 +14,12 @@ from kdx.distill import (LayerTaps, available_distillers, build_distiller, build
 from kdx.errors import ConfigError
 from kdx.lit import DistillationModule
 from kdx.models import build_model
-from kdx.models.features import feature_stages
+from kdx.models import feature_stages
 
 from conftest import compose_train
 
-OPTIM = {"name": "sgd", "lr": 0.05, "schedule": "constant"}
+OPTIM = {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+         "schedule": "constant"}
 
 
 def test_registry_lists_the_methods_of_each_task():

@@ -40,7 +40,7 @@ def face_ckpt(tmp_path_factory) -> Path:
     from kdx.data.face import FaceFolderDataModule
     from kdx.lit.face import FaceModule
     from kdx.models.embedding import build_embedding_model
-    from kdx.trainer import AtomicCheckpointIO
+    from kdx.train.trainer import AtomicCheckpointIO
 
     root = tmp_path_factory.mktemp("face_export")
     rng = np.random.default_rng(0)
@@ -55,7 +55,7 @@ def face_ckpt(tmp_path_factory) -> Path:
     meta = {"name": "cnn_tiny", "embedding_size": 8, "in_chans": 3, "input_size": [20, 20], "kwargs": {},
             "class_names": list(dm.class_names)}
     module = FaceModule(net, dm.num_classes, model_meta=meta,
-                        optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant"})
+                        optim={"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant"})
     trainer = pl.Trainer(default_root_dir=str(root), max_epochs=1, limit_train_batches=1, limit_val_batches=0,
                          accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, enable_checkpointing=False, plugins=[AtomicCheckpointIO()])

@@ -37,12 +37,16 @@ def test_eval_cli_folder_and_bin(tmp_path, capsys):
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["accuracy"] == 1.0 and metrics["auc"] == 1.0
     assert "accuracy" in capsys.readouterr().out
-    images = torch.tensor([[c] * 2 for c in colours], dtype=torch.uint8).reshape(4, 2, 3)  # 4 images
-    images = images[:, 0, :, None, None].expand(4, 3, 8, 8).repeat(5, 1, 1, 1).contiguous()  # 20 images
-    issame = [False] * 10
+    # 10 pairs: pair i is two images of one colour when i is even (same), of two colours when odd (different)
+    order = [(i % 4, i % 4) if i % 2 == 0 else (i % 4, (i + 1) % 4) for i in range(10)]
+    images = torch.tensor([colours[k] for pair in order for k in pair], dtype=torch.uint8)  # 20 images x RGB
+    images = images[:, :, None, None].expand(20, 3, 8, 8).contiguous()
+    issame = [i % 2 == 0 for i in range(10)]
     write_verification_bin(tmp_path / "v.bin", images, issame)
     assert eval_main([str(tmp_path / "model.onnx"), str(tmp_path / "v.bin"), "--image-size", "8", "8",
-                      "--folds", "5"]) == 0
+                      "--folds", "5", "--out", str(tmp_path / "bin.json")]) == 0
+    record = json.loads((tmp_path / "bin.json").read_text())
+    assert record["pairs"] == 10 and record["metrics"]["accuracy"] == 1.0 and record["metrics"]["auc"] == 1.0
     assert eval_main([str(tmp_path / "missing.pt"), str(tmp_path / "v.bin")]) == 2
     from kdx.models.onnx_teacher import OnnxEmbeddingModel
 

@@ -10,11 +10,14 @@ from PIL import Image
 from kdx.data.face import FaceFolderDataModule
 from kdx.errors import ConfigError
 from kdx.checkpoints import load_embedding_model
-from kdx.lit.face import (FaceDistillationModule, FaceModule, FaceTeacher, build_face_teacher,
-                          build_margin_head, _probe_teacher)
+from kdx.distill.teachers import FaceTeacher, build_face_teacher
+from kdx.lit import FaceDistillationModule, FaceModule
+from kdx.losses.margin import build_margin_head
+from kdx.schemas import ModelSpec
+from kdx.tasks import probe_teacher
 from kdx.models.embedding import build_embedding_model
 
-OPTIM = {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"}
+OPTIM = {"_target_": "torch.optim.AdamW", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"}
 
 
 def _identity_folder(root, n_ids=20, per_id=6, size=24, seed=0):
@@ -177,11 +180,22 @@ def test_logit_kd_needs_a_teacher_with_the_same_identities(face_dm):
                                     distill={"method": "logit_kd", "temperature": 2.0, "mix": {"emb_cos": {}}},
                                     shared_identities=True, optim=OPTIM, model_meta=_meta())
     x, y = next(iter(face_dm.train_dataloader()))
-    module.train()
+    module.eval()  # the same BatchNorm statistics in the step and in the hand computation below
     terms = {}
     module.log_terms = lambda t, batch_size: terms.update(t) or sum(t.values())
     loss = module.training_step((x, y), 0)
-    assert torch.isfinite(loss) and set(terms) == {"margin", "logit_kd", "emb_cos"}
+    assert set(terms) == {"margin", "logit_kd", "emb_cos"}
+    with torch.no_grad():  # each term by hand from both networks' outputs (alpha 0.5 on both sides)
+        s, t = module.embed(x), module.teacher(x)
+        log_p_s = torch.log_softmax(module.head(s).double() / 2.0, dim=1)  # student head logits: scaled cosines
+        log_p_t = torch.log_softmax(t["logits"].double() / 2.0, dim=1)
+        logit_kd = 4.0 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+        emb_cos = (1 - torch.nn.functional.cosine_similarity(s.double(), t["embedding"].double(), dim=1)).mean()
+        margin = torch.nn.functional.cross_entropy(module.head(s, y).double(), y)
+    assert terms["logit_kd"].item() == pytest.approx(0.5 * logit_kd.item(), rel=1e-4)
+    assert terms["emb_cos"].item() == pytest.approx(0.5 * emb_cos.item(), rel=1e-4)
+    assert terms["margin"].item() == pytest.approx(0.5 * margin.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(0.5 * (logit_kd + emb_cos + margin).item(), rel=1e-4)
     with pytest.raises(ConfigError, match="'dkd' is for classification tasks, not face"):
         FaceDistillationModule(_student(16), _torch_teacher(16), face_dm.num_classes, distill={"method": "dkd"},
                                optim=OPTIM, model_meta=_meta())
@@ -219,16 +233,16 @@ def test_onnx_teacher_whose_input_the_data_cannot_meet(face_dm, tmp_path):
     _export(four_channels, tmp_path / "rgba.onnx", (1, 4, 16, 16))
     teacher = build_face_teacher({"onnx": str(tmp_path / "rgba.onnx")})
     with pytest.raises(ConfigError, match="cannot take this data.*4-channel input"):
-        _probe_teacher(teacher, face_dm, {"onnx": "rgba.onnx"})
+        probe_teacher(teacher, face_dm, ModelSpec(onnx="rgba.onnx"))
     # a fixed-size linear layer behind dynamic H x W axes: the data's 24x24 images break it inside onnxruntime
     fixed_fc = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, 2, 1), torch.nn.Flatten(), torch.nn.Linear(2 * 8 * 8, 8))
     _export(fixed_fc, tmp_path / "fc.onnx", (1, 3, 16, 16), dynamic_hw=True)
     teacher = build_face_teacher({"onnx": str(tmp_path / "fc.onnx")})
     # (onnxruntime's error arrives as kdx's one sentence naming the model and the input shape)
     with pytest.raises(ConfigError, match=r"fc\.onnx cannot run on input of shape \(2, 3, 24, 24\).*preprocess\.input_size"):
-        _probe_teacher(teacher, face_dm, {"onnx": "fc.onnx"})
+        probe_teacher(teacher, face_dm, ModelSpec(onnx="fc.onnx"))
     fixed = build_face_teacher({"onnx": str(tmp_path / "fc.onnx"), "preprocess": {"input_size": [16, 16]}})
-    _probe_teacher(fixed, face_dm, {"onnx": "fc.onnx"})  # with its export size set, it runs
+    probe_teacher(fixed, face_dm, ModelSpec(onnx="fc.onnx"))  # with its export size set, it runs
     with pytest.raises(ConfigError, match="teacher.preprocess has unknown keys"):
         build_face_teacher({"onnx": str(tmp_path / "fc.onnx"), "preprocess": {"size": 16}})
     with pytest.raises(ConfigError, match="both set"):

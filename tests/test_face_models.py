@@ -105,6 +105,7 @@ def _iresnet_table(stages):
 
 R18_TABLE = _iresnet_table((2, 2, 2, 2))
 R50_TABLE = _iresnet_table((3, 4, 14, 3))
+R100_TABLE = _iresnet_table((3, 13, 30, 3))
 
 
 def _shapes(model):
@@ -170,9 +171,10 @@ def test_arcface_torch_weights_file_loads_through_build_embedding_model(tmp_path
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
 
 
-@pytest.mark.parametrize("name,table", [("iresnet18", R18_TABLE), ("iresnet50", R50_TABLE)])
+@pytest.mark.parametrize("name,table", [("iresnet18", R18_TABLE), ("iresnet50", R50_TABLE), ("iresnet100", R100_TABLE)])
 def test_iresnet_matches_arcface_torch(name, table):
-    assert len(table) == {"iresnet18": 187, "iresnet50": 475}[name]
+    """arcface_torch r18/r50/r100 state dicts (keys and shapes of the reference) load strictly and run."""
+    assert len(table) == {"iresnet18": 187, "iresnet50": 475, "iresnet100": 925}[name]
     m = build_embedding_model(name, 512)
     assert _shapes(m) == table
     _loads_and_runs(m, table, batch=2 if name == "iresnet18" else 1)

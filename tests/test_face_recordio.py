@@ -12,10 +12,9 @@ from kdx.data.recordio import (
     RecordIOReader,
     RecordIOWriter,
     pack_header,
-    pack_identity_folder,
-    pack_main,
     unpack_header,
 )
+from kdx.data.pack import pack_identity_folder, pack_main
 from kdx.errors import DataError
 
 MAGIC_BYTES = struct.pack("<I", MAGIC)

@@ -9,7 +9,8 @@ from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule
 from kdx.losses import kd_loss
 from kdx.models import build_model
 
-OPTIM = {"name": "sgd", "lr": 0.05, "schedule": "constant"}
+OPTIM = {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+         "schedule": "constant"}
 
 
 def fit(module, dm, epochs=1, **kw):

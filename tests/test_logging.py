@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 from conftest import compose_train, run_cli
-from kdx.logging_wandb import flatten, log_comparison_to_wandb, resolve_mode
+from kdx.train.wandb_logging import flatten, log_comparison_to_wandb, resolve_mode
 
 
 def wandb_records(offline_run: Path) -> list:

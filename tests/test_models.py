@@ -1,9 +1,11 @@
-"""Model registry: kdx nets with their published sizes, torchvision/timm by name, helpful errors."""
+"""Model registry: kdx nets with their published sizes, torchvision/timm by name, the contract every network
+meets (declared classifier, stage taps), helpful errors."""
 import pytest
 import torch
 
-from kdx.errors import ModelNotFoundError
-from kdx.models import adapt_in_chans, build_model, find_head, list_models, penultimate_features, replace_head
+from kdx.errors import ConfigError, ModelNotFoundError
+from kdx.models import (adapt_in_chans, build_embedding_model, build_model, classifier_path, feature_stages,
+                        get_classifier, is_embedding_model, list_models, penultimate_features, reset_classifier)
 
 
 def n_params(m):
@@ -32,11 +34,10 @@ def test_unknown_name_lists_close_matches():
     assert "resnet8x4" in list_models("kdx")
 
 
-def test_replace_head_and_penultimate_features():
+def test_reset_classifier_and_penultimate_features():
     model = build_model("resnet8", num_classes=10)
-    replace_head(model, 3)
-    path, head = find_head(model)
-    assert path == "fc" and head.out_features == 3
+    reset_classifier(model, 3)
+    assert classifier_path(model) == "fc" and get_classifier(model).out_features == 3
     feats, logits = penultimate_features(model, torch.randn(4, 3, 16, 16))
     assert feats.shape == (4, 64) and logits.shape == (4, 3)
 
@@ -57,3 +58,59 @@ def test_pretrained_local_weights_file(tmp_path):
     assert torch.equal(dst.conv1.weight, src.conv1.weight)
     other = build_model("resnet8", num_classes=9, pretrained=str(tmp_path / "w.pt"))  # new head for new classes
     assert torch.equal(other.conv1.weight, src.conv1.weight) and other.fc.out_features == 9
+
+
+@pytest.mark.parametrize("name,path", [
+    ("resnet20", "fc"), ("wrn_16_1", "fc"), ("cnn_tiny", "fc"), ("tv:resnet18", "fc"),
+    ("mobilenet_v3_small", "classifier.3"), ("tv:efficientnet_b0", "classifier.1"), ("tv:convnext_tiny", "classifier.2"),
+    ("tv:vit_b_16", "heads.head"), ("tv:densenet121", "classifier"), ("timm:resnet10t", "fc"),
+    ("timm:mobilenetv3_small_050", "classifier"),
+])
+def test_every_classifier_declares_its_classifier_and_stages(name, path):
+    """The registry contract: a declared classifier (no guessing), which reset_classifier replaces and whose input
+    penultimate_features returns; named stage taps wherever the network has stages."""
+    model = build_model(name, num_classes=7).eval()
+    assert classifier_path(model) == path and get_classifier(model).out_features == 7
+    reset_classifier(model, 3)
+    assert get_classifier(model).out_features == 3
+    size = 224 if "vit" in name else 64
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        feats, logits = penultimate_features(model, x)
+        assert logits.shape == (2, 3)
+        torch.testing.assert_close(get_classifier(model)(feats), logits)
+    stages = feature_stages(model)
+    assert all(isinstance(model.get_submodule(s), torch.nn.Module) for s in stages)
+    if name in ("resnet20", "tv:resnet18", "mobilenet_v3_small", "timm:resnet10t"):
+        assert len(stages) >= 3
+
+
+def test_embedding_nets_are_registered_as_such_and_declare_stages():
+    assert is_embedding_model("iresnet18") and is_embedding_model("kdx:mobilefacenet")
+    assert not is_embedding_model("resnet20") and not is_embedding_model("tv:resnet18")
+    for name in ("iresnet18", "mobilefacenet"):
+        net = build_embedding_model(name, 32, input_size=56)
+        stages = feature_stages(net)
+        assert len(stages) == 4 and all(net.get_submodule(s) is not None for s in stages)
+    with pytest.raises(ConfigError, match="declares no classifier layer"):
+        classifier_path(build_embedding_model("iresnet18", 32, input_size=56))
+
+
+class Headless(torch.nn.Module):
+    def __init__(self, num_classes=3, in_chans=3):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(in_chans, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                        torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
+
+
+class Declared(Headless):
+    classifier_path = "body.3"
+
+
+def test_a_users_network_declares_its_classifier_or_names_it_by_convention():
+    assert classifier_path(Declared()) == "body.3" and get_classifier(Declared()).out_features == 3
+    with pytest.raises(ConfigError, match=r"Headless declares no classifier layer: give the class a `classifier_path`"):
+        classifier_path(Headless())  # its last layer is a Linear, but nothing says it is the classifier
+    by_name = torch.nn.Module()
+    by_name.fc = torch.nn.Linear(2, 5)
+    assert classifier_path(by_name) == "fc"

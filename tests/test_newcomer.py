@@ -127,7 +127,7 @@ def orl_run(tmp_path_factory):
     from omegaconf import OmegaConf
 
     from kdx.models import build_embedding_model
-    from kdx.train import build_datamodule
+    from kdx.configs import build_datamodule
 
     run = tmp_path_factory.mktemp("orl_run")
     cfg = compose_train(["experiment=orl/student"])

@@ -19,7 +19,9 @@ from PIL import Image
 
 from conftest import BIN, REPO, cli_env, compose_train, run_cli
 from kdx.errors import CheckpointError, ConfigError, DataError, NonFiniteError
-from kdx.train import _trim_csv_rows, run_training, validate_config
+from kdx.tasks import validate_config
+from kdx.train import run_training
+from kdx.train.metrics_csv import trim_rows_after
 
 QUIET = ["trainer.progress_bar=none"]
 
@@ -75,7 +77,7 @@ def test_nan_from_a_huge_learning_rate_fails_from_the_cli(tmp_path: Path) -> Non
 
 
 def test_a_nan_weight_is_never_written_to_a_checkpoint(tmp_path: Path) -> None:
-    from kdx.trainer import AtomicCheckpointIO
+    from kdx.train.trainer import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 0, "global_step": 4}, path)
@@ -151,7 +153,7 @@ def test_stale_temporaries_are_cleaned_at_the_next_start(tmp_path: Path) -> None
     run_training(teacher_cfg(), run_dir)
     as_if_killed(run_dir)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead.wait(timeout=60)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         stale = [run_dir / "checkpoints" / f".last.ckpt.tmp-{dead.pid}-0a1b2c3d",
@@ -164,12 +166,12 @@ def test_stale_temporaries_are_cleaned_at_the_next_start(tmp_path: Path) -> None
         assert not any(p.exists() for p in stale) and kept.exists()
     finally:
         live.kill()
-        live.wait()
+        live.wait(timeout=60)
 
 
 def test_metrics_rows_after_the_checkpoint_and_a_cut_row_are_dropped_before_resuming(tmp_path: Path) -> None:
     (tmp_path / "metrics.csv").write_text("epoch,step,val/acc1\n0,7,0.5\n1,15,0.9\n2,19,0.95\n2,2")
-    _trim_csv_rows(tmp_path, global_step=16)
+    trim_rows_after(tmp_path, global_step=16)
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step,val/acc1", "0,7,0.5", "1,15,0.9"]
 
 
@@ -211,7 +213,7 @@ def _identity_folder(root: Path) -> Path:
 
 
 def test_a_failed_pack_leaves_the_existing_dataset_untouched(tmp_path: Path, capsys) -> None:
-    from kdx.data.recordio import pack_main
+    from kdx.data.pack import pack_main
 
     faces, out = _identity_folder(tmp_path / "faces"), tmp_path / "packed"
     assert pack_main([str(faces), str(out)]) == 0
@@ -298,10 +300,10 @@ def bomb_png(path: Path, side: int = 30000) -> Path:
 
 
 def test_a_decompression_bomb_is_named(tmp_path: Path) -> None:
-    from kdx.data.image_folder import load_image
+    from kdx.data.image_folder import ImageListDataset
 
     with pytest.raises(DataError, match=r"image .*bomb\.png is too large to decode safely .* decompression bomb"):
-        load_image(bomb_png(tmp_path / "bomb.png"))
+        ImageListDataset([(bomb_png(tmp_path / "bomb.png"), 0)], transform=None)[0]
     data = tmp_path / "data"
     for cls, colour in (("a", "red"), ("b", "blue")):
         (data / cls).mkdir(parents=True)
@@ -343,13 +345,12 @@ def test_added_keys_under_kdx_groups_are_checked_against_their_readers() -> None
 
 def test_teacher_pretrained_accepts_a_weights_file(tmp_path: Path) -> None:
     from kdx.models import build_model
-    from kdx.sweep import check_override_types
 
     net = build_model("resnet8", num_classes=4)
     torch.nn.init.constant_(net.fc.bias, 0.25)
     torch.save(net.state_dict(), tmp_path / "w.pt")
     override = f"teacher.pretrained={tmp_path / 'w.pt'}"
-    check_override_types(teacher_cfg(override), teacher_cfg(), [override])  # no "must be true or false"
+    validate_config(teacher_cfg(override))  # a weights file where the default is a boolean: no "must be true or false"
     results = run_training(teacher_cfg(override, "trainer.max_epochs=1"), tmp_path / "run")
     assert results["status"] == "completed"
 

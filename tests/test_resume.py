@@ -16,8 +16,10 @@ import torch
 
 from conftest import BIN, cli_env, compose_train, run_cli
 from kdx.errors import CheckpointError, RunExistsError
-from kdx.train import _merge_csv_parts, check_run_dir, run_training
-from kdx.trainer import AtomicCheckpointIO
+from kdx.runs import check_run_dir
+from kdx.train import run_identity, run_training
+from kdx.train.metrics_csv import merge_parts
+from kdx.train.trainer import FAULT_PAUSE_ENV, AtomicCheckpointIO
 
 QUIET = ["trainer.progress_bar=none"]
 
@@ -41,9 +43,9 @@ def test_finished_run_is_skipped_reported_or_set_aside(tmp_path: Path) -> None:
     with pytest.raises(RunExistsError, match="resume=true reports it, force=true reruns it"):
         run_training(teacher_cfg(), run_dir)
     assert run_training(teacher_cfg("resume=true"), run_dir) == done  # reported, not retrained
-    assert check_run_dir(run_dir, teacher_cfg(), multirun=True)[0] == "skip"
+    assert check_run_dir(run_dir, teacher_cfg(), run_identity, multirun=True)[0] == "skip"
     with pytest.raises(RunExistsError, match="different config; pass force=true"):
-        check_run_dir(run_dir, teacher_cfg("seed=5"), multirun=True)
+        check_run_dir(run_dir, teacher_cfg("seed=5"), run_identity, multirun=True)
     again = run_training(teacher_cfg("force=true"), run_dir)
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(aside) == 1 and json.loads((aside[0] / "results.json").read_text()) == done
@@ -78,7 +80,7 @@ def test_checkpoints_are_written_atomically(tmp_path: Path) -> None:
 def test_metrics_csv_parts_are_merged(tmp_path: Path) -> None:
     (tmp_path / "metrics.part-1.csv").write_text("epoch,step,val/acc1\n0,7,0.5\n")
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n1,15,0.3\n")
-    _merge_csv_parts(tmp_path)
+    merge_parts(tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"] and rows[0]["val/acc1"] == "0.5" and rows[1]["train/loss"] == "0.3"
     assert not list(tmp_path.glob("metrics.part-*"))
@@ -89,18 +91,24 @@ def test_killed_run_resumes_from_last_checkpoint_and_same_wandb_run(tmp_path: Pa
     run_dir = tmp_path / "run"
     args = ["experiment=synthetic/teacher", "trainer.max_epochs=3", "data.train_size=1024", "logger=csv_wandb",
             "trainer.log_every_n_steps=4", *QUIET]
-    env = cli_env(WANDB_MODE="offline")
+    # every checkpoint save pauses 2 s between writing its temporary file and renaming it (the fault-injection
+    # hook of kdx.train.trainer): once last.ckpt of epoch 1 exists, the next temporary file is a save of a later
+    # epoch, in its pause, so the kill below lands mid-training whatever the machine's speed
+    env = cli_env(WANDB_MODE="offline", **{FAULT_PAUSE_ENV: "2"})
     proc = subprocess.Popen([str(BIN / "kdx-train"), *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        if last.exists() and any(p.name.startswith(".") and ".tmp-" in p.name for p in last.parent.iterdir()):
+            break
         time.sleep(0.05)
-    # killed mid-training, right after its first epoch's checkpoint, with its whole process group (as a
-    # scheduler or a crash does): W&B's service process goes too and releases the run id
+    assert proc.poll() is None, "the run ended before a later epoch's checkpoint save began"
+    # killed mid-training, in a later epoch's checkpoint save, with its whole process group (as a scheduler or
+    # a crash does): W&B's service process goes too and releases the run id
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     interrupted = json.loads((run_dir / "results.json").read_text())
     assert interrupted["status"] == "running", "the run finished before it could be killed"
     epoch_killed = torch.load(last, weights_only=True)["epoch"]

@@ -163,7 +163,7 @@ def test_bin_reader_refuses_code_and_still_reads_real_bins(tmp_path: Path, marke
 
 def test_data_val_bin_refuses_code(tmp_path: Path, marker: Path) -> None:
     from kdx.data.face import FaceRecordDataModule
-    from kdx.data.recordio import pack_identity_folder
+    from kdx.data.pack import pack_identity_folder
 
     for i, colour in enumerate(("red", "blue")):
         (tmp_path / "ids" / f"p{i}").mkdir(parents=True)

@@ -19,7 +19,8 @@ from kdx.models import build_model
 
 from conftest import compose_train
 
-OPTIM = {"name": "sgd", "lr": 0.05, "schedule": "constant"}
+OPTIM = {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+         "schedule": "constant"}
 
 
 def _write_idx(path, array):

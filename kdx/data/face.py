@@ -19,24 +19,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from kdx.configs import as_hw
 from kdx.data.base import KdxDataModule
-from kdx.data.face_formats import Pair, build_verification_pairs, load_pairs, write_pairs_file
-from kdx.data.recordio import IMAGE_EXTENSIONS, list_identity_folder
+from kdx.data.face_formats import Pair, build_verification_pairs, load_pairs, read_verification_bin, write_pairs_file
+from kdx.data.images import IMAGE_EXTENSIONS, decode_image, list_identity_folder
+from kdx.data.recordio import RecordFaceDataset
 from kdx.errors import ConfigError, DataError
-
-
-def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
 
 
 class FaceTransform:
     """Path or PIL image -> normalised C x H x W tensor: colour mode, resize, optional flip, (x/255-mean)/std."""
 
     def __init__(self, image_size=(112, 112), in_chans: int = 3, mean=0.5, std=0.5, flip: bool = False):
-        self.size = _size(image_size)
+        self.size = as_hw(image_size)
         if in_chans not in (1, 3):
             raise ConfigError(f"data.in_chans must be 1 or 3, got {in_chans}")
         self.in_chans = in_chans
@@ -50,16 +45,7 @@ class FaceTransform:
 
     def load(self, item) -> Image.Image:
         """Open a path (or take a PIL image) in the right colour mode and size."""
-        if isinstance(item, Image.Image):
-            img = item
-        else:
-            from kdx.data.images import open_image
-
-            img = open_image(item, f"image {item}")
-        img = img.convert("RGB" if self.in_chans == 3 else "L")
-        if (img.height, img.width) != self.size:
-            img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
-        return img
+        return decode_image(item, self.in_chans, self.size, name=f"image {item}")
 
     def __call__(self, item) -> torch.Tensor:
         # numpy, not torch: per-image torch ops start OpenMP threads, which are slow on a busy CPU
@@ -111,7 +97,7 @@ class VerificationTensorDataset(Dataset):
         self.in_chans = in_chans
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
-        self.size = _size(image_size) if image_size is not None else None
+        self.size = as_hw(image_size) if image_size is not None else None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -153,7 +139,7 @@ class FaceFolderDataModule(KdxDataModule):
         self.num_val_pairs = int(num_val_pairs)
         self.test_identities = test_identities or None
         self.num_test_pairs = int(num_test_pairs or num_val_pairs)
-        self.image_size = _size(image_size)
+        self.image_size = as_hw(image_size)
         self.in_chans = int(in_chans)
         self.mean, self.std = mean, std
         self.train_flip = train_flip
@@ -350,7 +336,7 @@ class FaceRecordDataModule(KdxDataModule):
             if path is not None and not path.exists():
                 raise DataError(f"{key}={path} does not exist; point it at an InsightFace "
                                 + ("RecordIO folder (train.rec, train.idx)" if key == "data.rec_dir" else ".bin file"))
-        self.image_size = _size(image_size)
+        self.image_size = as_hw(image_size)
         self.in_chans = int(in_chans)
         self.mean, self.std = mean, std
         self.train_flip = train_flip
@@ -358,8 +344,6 @@ class FaceRecordDataModule(KdxDataModule):
 
     def _train_dataset(self):
         if self._train is None:
-            from kdx.data.recordio import RecordFaceDataset
-
             transform = FaceTransform(self.image_size, self.in_chans, self.mean, self.std, flip=self.train_flip)
             self._train = RecordFaceDataset(self.rec_dir, transform=transform)
             self.class_names = [str(i) for i in range(int(self._train.num_classes))]
@@ -371,8 +355,6 @@ class FaceRecordDataModule(KdxDataModule):
         return int(self._train_dataset().num_classes)
 
     def _bin_dataset(self, path: Path) -> VerificationTensorDataset:
-        from kdx.data.face_formats import read_verification_bin
-
         images, issame = read_verification_bin(path, image_size=self.image_size)
         return VerificationTensorDataset(images, issame.tolist(), self.in_chans, self.mean, self.std)
 

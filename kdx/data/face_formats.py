@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kdx.data.images import decode_image
 from kdx.errors import DataError
 from kdx.io import atomic_write_bytes, atomic_write_text
 
@@ -26,15 +27,7 @@ Pair = tuple[str, str, bool]
 
 # --------------------------------------------------------------------------- InsightFace .bin files
 def _decode_to_array(data: bytes, image_size: tuple[int, int], source: str) -> np.ndarray:
-    from PIL import Image
-
-    from kdx.data.images import open_image
-
-    img = open_image(data, source, hint="the .bin file is damaged").convert("RGB")
-    h, w = image_size
-    if (img.height, img.width) != (h, w):
-        img = img.resize((w, h), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(decode_image(data, 3, image_size, name=source, hint="the .bin file is damaged"), dtype=np.uint8)
 
 
 class _BinUnpickler(pickle.Unpickler):

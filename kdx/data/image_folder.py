@@ -8,45 +8,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from kdx.data.base import KdxDataModule
-from kdx.data.images import open_image
+from kdx.data.images import decode_image, scan_class_folders
 from kdx.data.transforms import build_transforms
 from kdx.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-def load_image(path: str | Path, in_chans: int = 3) -> Image.Image:
-    """Open an image fully as RGB (or L for 1-channel models); grayscale, RGBA and palette become RGB."""
-    img = open_image(path, f"image {path}", hint="replace or delete the file, or set data.bad_images=skip to "
-                                               "skip unreadable files")
-    with img:
-        if img.mode == "P" or img.mode == "PA":
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA"):  # composite on white, so transparent pixels are not black
-            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, img.convert("RGBA"))
-        return img.convert("L" if in_chans == 1 else "RGB")
-
-
-def scan_class_folders(root: Path) -> dict[str, list[Path]]:
-    """Map each class folder under `root` to its sorted image files; errors name the bad folder."""
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; set data.root to a folder of class subfolders")
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"data folder {root} has no class subfolders; put each class's images in root/<class>/")
-    found: dict[str, list[Path]] = {}
-    for folder in classes:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
-            raise DataError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); "
-                            f"add images or remove the folder")
-        found[folder.name] = files
-    return found
+BAD_IMAGE_HINT = "replace or delete the file, or set data.bad_images=skip to skip unreadable files"
 
 
 class ImageListDataset(Dataset):
@@ -62,7 +31,7 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        img = load_image(path, self.in_chans)
+        img = decode_image(path, self.in_chans, name=f"image {path}", hint=BAD_IMAGE_HINT)
         return (self.transform(img) if self.transform else img), label
 
 
@@ -114,7 +83,7 @@ class ImageFolderDataModule(KdxDataModule):
         kept = []
         for path, label in samples:
             try:
-                load_image(path, self.in_chans)
+                decode_image(path, self.in_chans, name=f"image {path}", hint=BAD_IMAGE_HINT)
                 kept.append((path, label))
             except DataError:
                 self.skipped.append(path)

@@ -20,21 +20,18 @@ image. The `.idx` file has one `key<TAB>byte offset` line per record; `property`
 """
 from __future__ import annotations
 
-import argparse
-import io
 import math
 import os
 import struct
-import sys
 from collections import namedtuple
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdx.data.images import open_image
+from kdx.data.images import decode_image
 from kdx.errors import DataError
 
 MAGIC = 0xCED7230A
@@ -42,7 +39,6 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEADER = struct.Struct("<IfQQ")
 _CHUNK = struct.Struct("<II")
 _LEN_MASK = (1 << 29) - 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 IRHeader.__doc__ = "Record header: flag (number of float labels, or 0), label (float or float32 array), id, id2."
@@ -251,11 +247,6 @@ class RecordIOReader:
             self._file = None
 
 
-def decode_image(data: bytes, source: str = "image") -> "PIL.Image.Image":  # noqa: F821
-    """Decode JPEG/PNG/... bytes into an RGB PIL image, or raise a DataError naming `source`."""
-    return open_image(data, source).convert("RGB")
-
-
 def _whole_number(value, source: str, what: str) -> int:
     """`value` as a non-negative int, or a DataError naming `source` when it is NaN, infinite, fractional or negative."""
     value = float(value)
@@ -320,102 +311,8 @@ class RecordFaceDataset(Dataset):
         key = self.keys[index]
         header, data = unpack_header(self.reader.read(key))
         label = self._label_of(header, key)
-        img = decode_image(data, f"record {key} of {self.reader.rec_path}")
+        img = decode_image(data, 3, name=f"record {key} of {self.reader.rec_path}")
         if self.transform is not None:
             return self.transform(img), label
         arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         return arr.float().div_(255.0), label
-
-
-def list_identity_folder(folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, list[str]]:
-    """{identity name: sorted image paths} for a folder holding one subfolder of images per identity."""
-    extensions = tuple(e.lower() for e in extensions)
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"face folder {folder} does not exist; pass a folder with one subfolder per identity")
-    out: dict[str, list[str]] = {}
-    for sub in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name):
-        files = sorted(str(p) for p in sub.iterdir() if p.is_file() and p.suffix.lower() in extensions)
-        if files:
-            out[sub.name] = files
-    if not out:
-        raise DataError(f"face folder {folder} holds no identity subfolders with images ({', '.join(extensions)})")
-    return out
-
-
-def pack_identity_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, quality: int = 95,
-                         image_size: Sequence[int] | None = None) -> dict[str, int]:
-    """Write train.rec/train.idx/property (InsightFace layout) from one-subfolder-per-identity images.
-
-    The three files are written under temporary names and renamed into place only once all are complete:
-    a pack that fails (an unreadable image, a full disk, a kill) leaves a dataset already in `out_dir` as it was.
-    """
-    from PIL import Image
-
-    from kdx.io import fsync_dir, temporary_path
-
-    identities = list_identity_folder(folder)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    num_images = sum(len(v) for v in identities.values())
-    id_start = num_images + 1
-    id_end = id_start + len(identities)
-    size_seen: tuple[int, int] | None = tuple(image_size) if image_size else None  # (h, w)
-    final = {name: out_dir / name for name in ("train.rec", "train.idx", "property")}
-    tmp = {name: temporary_path(path) for name, path in final.items()}
-    try:
-        with RecordIOWriter(tmp["train.rec"], tmp["train.idx"]) as w:
-            w.write(pack_header(IRHeader(2, [id_start, id_end], 0, 0)), key=0)
-            key = 1
-            ranges = []
-            for label, (_name, paths) in enumerate(identities.items()):
-                first = key
-                for p in paths:
-                    img = open_image(p, f"image {p}").convert("RGB")
-                    if size_seen is None:
-                        size_seen = (img.height, img.width)
-                    if (img.height, img.width) != size_seen:
-                        img = img.resize((size_seen[1], size_seen[0]), Image.BILINEAR)
-                    buf = io.BytesIO()
-                    img.save(buf, format="JPEG", quality=quality)
-                    w.write(pack_header(IRHeader(0, float(label), key, 0), buf.getvalue()), key=key)
-                    key += 1
-                ranges.append((first, key))
-            for i, (a, b) in enumerate(ranges):
-                w.write(pack_header(IRHeader(2, [a, b], 0, 0)), key=id_start + i)
-            w.sync()
-        h, wdt = size_seen or (112, 112)
-        with open(tmp["property"], "w") as f:
-            f.write(f"{len(identities)},{h},{wdt}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        for name in ("train.rec", "train.idx", "property"):  # the index and property follow the data they describe
-            os.replace(tmp[name], final[name])
-        fsync_dir(out_dir)
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-    return {"num_images": num_images, "num_classes": len(identities), "height": h, "width": wdt}
-
-
-def pack_main(argv: list[str] | None = None) -> int:
-    """Console entry `kdx-pack FOLDER OUT_DIR`: pack an identity folder into InsightFace RecordIO."""
-    parser = argparse.ArgumentParser(prog="kdx-pack", description=pack_main.__doc__)
-    parser.add_argument("folder", help="folder with one subfolder of aligned face images per identity")
-    parser.add_argument("out_dir", help="where train.rec, train.idx and property are written")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="resize every image to H W (default: the size of the first image)")
-    args = parser.parse_args(argv)
-    try:
-        info = pack_identity_folder(args.folder, args.out_dir, quality=args.quality, image_size=args.image_size)
-    except DataError as e:
-        print(f"kdx-pack: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a read-only or missing output folder: nothing was replaced
-        print(f"kdx-pack: error: cannot write {args.out_dir} ({e.strerror or e}); nothing in it was changed",
-              file=sys.stderr)
-        return 2
-    print(f"wrote {info['num_images']} images of {info['num_classes']} identities "
-          f"({info['height']}x{info['width']}) to {args.out_dir}")
-    return 0

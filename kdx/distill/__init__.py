@@ -21,3 +21,5 @@ __all__ = [
     "build_distiller", "build_distiller_set", "enable_sample_indices", "distiller_class", "distiller_parameters", "register_distiller",
     "resolve_layer", "split_distill_config",
 ]
+
+from kdx.distill import methods  # noqa: E402,F401  (each method file registers itself)

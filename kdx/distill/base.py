@@ -17,6 +17,7 @@ The batch a distiller receives is a dict (see `DistillBatch`): `images`, `labels
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from typing import Any, ClassVar, Mapping, TypedDict
 
@@ -96,7 +97,6 @@ def register_distiller(cls: type[Distiller]) -> type[Distiller]:
 
 def available_distillers(task: str | None = None) -> list[str]:
     """Registered method names (for one task when `task` is given), sorted."""
-    _load_methods()
     return sorted(n for n, c in _REGISTRY.items() if task is None or task in c.tasks)
 
 
@@ -106,7 +106,6 @@ def distiller_class(name: str, key: str = "distill.method") -> type[Distiller]:
     A dotted name (`my_project.distillers.MyMethod` or `my_project.distillers:my_method`) imports that module
     first, so a method of one's own needs no change to kdx: one file (on the Python path) plus one YAML.
     """
-    _load_methods()
     if name not in _REGISTRY and ("." in str(name) or ":" in str(name)):
         return _import_distiller(str(name), key)
     if name not in _REGISTRY:
@@ -146,8 +145,6 @@ def build_distiller(name: str, params: Mapping[str, Any] | None = None, key: str
 
 def _import_distiller(spec: str, key: str) -> type[Distiller]:
     """The Distiller a `module.Class` or `module:registered_name` spec points at, importing its module."""
-    import importlib
-
     module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
     try:
         module = importlib.import_module(module_name)
@@ -160,19 +157,3 @@ def _import_distiller(spec: str, key: str) -> type[Distiller]:
                           "@kdx.distill.register_distiller")
     return found
 
-
-_LOADED = False
-
-
-def _load_methods() -> None:
-    """Import every module of kdx.distill.methods once, so that their @register_distiller classes exist."""
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        import importlib
-        import pkgutil
-
-        from kdx.distill import methods
-
-        for info in sorted(pkgutil.iter_modules(methods.__path__), key=lambda i: i.name):
-            importlib.import_module(f"{methods.__name__}.{info.name}")

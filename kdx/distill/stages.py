@@ -6,7 +6,7 @@ from typing import Sequence
 from torch import nn
 
 from kdx.errors import ConfigError
-from kdx.models.features import feature_stages
+from kdx.models.contract import feature_stages
 
 
 def stage_layers(model: nn.Module, given: Sequence[str] | str | None, role: str, key: str) -> list[str]:

@@ -8,94 +8,40 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-
-from kdx.checkpoints import load_embedding_model  # noqa: F401  (kdx-eval's loader, re-exported)
+from kdx.checkpoints import load_embedding_model
+from kdx.data.face import FaceTransform, VerificationPairsDataset, VerificationTensorDataset, orl_faces_root
+from kdx.data.face_formats import build_verification_pairs, load_pairs, read_verification_bin
+from kdx.data.images import IMAGE_EXTENSIONS, list_identity_folder
 from kdx.errors import KdxError
-
-
-@torch.no_grad()
-def embed_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 64, flip: bool = False,
-                  device: str = "cpu", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, list[bool]]:
-    """(embeddings, flipped-image embeddings or None, issame) of an interleaved verification dataset.
-
-    Batches are resized to the model's `input_size` when it has one. A dataset of image paths
-    (VerificationPairsDataset) is embedded once per distinct image, however many pairs reuse it.
-    """
-    from kdx.models.embedding import fit_input, model_input_size
-    from kdx.models.onnx_teacher import OnnxEmbeddingModel
-
-    model.eval()
-    if isinstance(model, nn.Module) and any(True for _ in model.parameters()):
-        model.to(device)
-    size = None if isinstance(model, OnnxEmbeddingModel) else model_input_size(model)  # ONNX models resize themselves
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        return model(fit_input(images.to(device), size)).float().cpu()
-
-    paths, transform = getattr(dataset, "paths", None), getattr(dataset, "transform", None)
-    if paths is not None and transform is not None:  # embed each distinct image once
-        unique = list(dict.fromkeys(paths))
-        where = {p: i for i, p in enumerate(unique)}
-        embs, flips = [], []
-        for start in range(0, len(unique), batch_size):
-            images = torch.stack([transform(p) for p in unique[start:start + batch_size]])
-            embs.append(run(images))
-            if flip:
-                flips.append(run(images.flip(-1)))
-        rows = torch.tensor([where[p] for p in paths])
-        emb = torch.cat(embs)[rows]
-        return emb, (torch.cat(flips)[rows] if flip else None), list(dataset.issame)
-    embs, flips = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    for images, _idx, _same in loader:
-        embs.append(run(images))
-        if flip:
-            flips.append(run(images.flip(-1)))
-    return torch.cat(embs), (torch.cat(flips) if flip else None), list(dataset.issame)
+from kdx.eval.embeddings import embed_dataset
+from kdx.eval.identities import Selection, recorded_split, select_identities
+from kdx.io import atomic_write_text
+from kdx.metrics.verification import verification_metrics
 
 
 def _dataset(args, split=None):
     """(verification dataset, Selection of identities or None) of args.data; a face folder is limited to the
     identities `--identities` picks from the model's recorded split (kdx.eval.identities)."""
-    from kdx.data.face import FaceTransform, VerificationPairsDataset, VerificationTensorDataset
-    from kdx.eval.identities import select_identities
-
-    from kdx.data.recordio import IMAGE_EXTENSIONS
-
     data = Path(args.data).expanduser()
     extensions = args.extensions or IMAGE_EXTENSIONS
     if args.data == "orl" and not data.exists():
-        from kdx.data.face import orl_faces_root
-
         data, extensions = orl_faces_root(), args.extensions or (".pgm",)
     transform = FaceTransform(args.image_size, args.in_chans, args.mean, args.std)
     if data.is_dir():
-        from kdx.data.face_formats import build_verification_pairs
-        from kdx.data.recordio import list_identity_folder
-
         identities, selection = select_identities(list_identity_folder(data, extensions), data, split, args.identities)
         with warnings.catch_warnings():  # fewer pairs than asked is said on the `pairs` line instead
             warnings.filterwarnings("ignore", message=r"only \d+ same-identity pairs exist")
             pairs = build_verification_pairs(identities, args.num_pairs, seed=args.seed)
         return VerificationPairsDataset(pairs, transform), selection
     if data.suffix.lower() == ".bin":
-        from kdx.data.face_formats import read_verification_bin
-
         images, issame = read_verification_bin(data, image_size=args.image_size)
         return VerificationTensorDataset(images, issame.tolist(), args.in_chans, args.mean, args.std), None
-    from kdx.data.face_formats import load_pairs
-
     pairs = load_pairs(data, root=args.root)
     return VerificationPairsDataset(pairs, transform), _pairs_note(pairs, split)
 
 
 def _pairs_note(pairs, split):
     """For a pairs file and a model that records its training identities: how many pairs involve them."""
-    from kdx.eval.identities import Selection
-
     if split is None:
         return None
     trained = set(split.train)
@@ -114,8 +60,6 @@ def format_metrics(metrics: dict) -> str:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """Console entry `kdx-eval MODEL DATA`: 10-fold verification accuracy, AUC and TAR@FAR."""
-    from kdx.metrics.verification import verification_metrics
-
     p = argparse.ArgumentParser(prog="kdx-eval", description=eval_main.__doc__)
     p.add_argument("model", help="an .onnx embedding model or a kdx face checkpoint")
     p.add_argument("data", help="a face folder (one subfolder per identity), a pairs file (kdx or LFW pairs.txt) "
@@ -147,8 +91,6 @@ def eval_main(argv: list[str] | None = None) -> int:
         onnx_kwargs = dict(channel_order=args.channel_order, value_range=tuple(args.value_range),
                            input_mean=args.mean, input_std=args.std, device=args.device)
         model = load_embedding_model(args.model, **onnx_kwargs)
-        from kdx.eval.identities import recorded_split
-
         dataset, selection = _dataset(args, recorded_split(args.model))
         t0 = time.time()
         emb, flipped, issame = embed_dataset(model, dataset, args.batch_size, args.flip, args.device)
@@ -170,8 +112,6 @@ def eval_main(argv: list[str] | None = None) -> int:
         record = {"model": str(args.model), "data": str(args.data), "pairs": len(issame), "metrics": metrics}
         if selection is not None:
             record["identities"] = selection.as_dict()
-        from kdx.io import atomic_write_text
-
         atomic_write_text(out, json.dumps(record, indent=2))  # an existing file is replaced only when complete
     return 0
 

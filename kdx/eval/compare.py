@@ -10,6 +10,10 @@ from torch import nn
 from kdx.eval.profile import profile_models
 from kdx.eval.robustness import calibration, robustness as robust_accuracy
 from kdx.io import atomic_path, atomic_write_text, write_json
+from kdx.text import markdown_table
+
+# pipeline stage -> its row's label in the comparison tables (classification and face)
+STAGE_LABELS = {"teacher": "teacher", "student": "student alone", "kd": "student distilled"}
 
 # column key -> (header, format) of the comparison table, in display order
 COLUMNS = {
@@ -89,10 +93,7 @@ def cell(row: dict[str, Any], key: str, columns: dict[str, tuple[str, str]], spr
 def format_table(rows: Sequence[dict[str, Any]], columns: dict[str, tuple[str, str]] = COLUMNS) -> str:
     """A GitHub-markdown table of the rows."""
     keys = [k for k in columns if any(k in r for r in rows)]
-    lines = ["| " + " | ".join(columns[k][0] for k in keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(cell(r, k, columns) for k in keys) + " |")
-    return "\n".join(lines)
+    return markdown_table([columns[k][0] for k in keys], [[cell(r, k, columns) for k in keys] for r in rows])
 
 
 def print_table(rows: Sequence[dict[str, Any]], title: str, columns: dict[str, tuple[str, str]] = COLUMNS,

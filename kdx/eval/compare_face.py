@@ -14,17 +14,17 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kdx.checkpoints import load_embedding_model
+from kdx.checkpoints import load_embedding_model, load_face_checkpoint
 from kdx.configs import build_datamodule, to_dict
+from kdx.distill.teachers import build_face_teacher
 from kdx.errors import ConfigError
-from kdx.eval.cli import embed_dataset
-from kdx.eval.compare import print_table, write_comparison
-from kdx.eval.profile import time_models
+from kdx.eval.compare import STAGE_LABELS, print_table, write_comparison
+from kdx.eval.embeddings import embed_dataset
+from kdx.eval.profile import forward_runner, static_cost, time_models
 from kdx.metrics.verification import far_key, verification_metrics
 from kdx.models.embedding import model_input_size
 from kdx.models.onnx_teacher import OnnxEmbeddingModel, onnx_parameter_count
-
-STAGE_LABELS = {"teacher": "teacher", "student": "student alone", "kd": "student distilled"}
+from kdx.tasks import task_class
 
 
 def face_columns(throughput_batch: int, far_targets: Sequence[float]) -> dict[str, tuple[str, str]]:
@@ -43,8 +43,6 @@ def face_columns(throughput_batch: int, far_targets: Sequence[float]) -> dict[st
 
 def cost_runners(model: nn.Module, in_chans: int, throughput_batch: int):
     """(static cost dict, batch-1 runner, batch runner, input size) of a face model, torch or ONNX."""
-    from kdx.eval.profile import forward_runner, static_cost
-
     if isinstance(model, OnnxEmbeddingModel):
         c = model.model_channels or 3
         size = model.input_size or (112, 112)
@@ -87,17 +85,20 @@ def add_costs(rows: list[dict[str, Any]], models: Sequence[tuple[str, str, nn.Mo
         row.update(timings[label])
 
 
+def _is_face(stage_cfg: DictConfig) -> bool:
+    """True when a stage trains a face task (an embedding network scored by verification)."""
+    return task_class(stage_cfg.task.name).kind == "face"
+
+
 def _teacher_of(stages: dict[str, dict], stage_cfgs: dict[str, DictConfig], teacher_stage: str | None):
     """(label, architecture, frozen teacher network) from the teacher stage's checkpoint or a distill stage's teacher."""
-    from kdx.lit.face import build_face_teacher, load_face_checkpoint
-
     if teacher_stage and teacher_stage in stages:
         ckpt = (stages[teacher_stage].get("checkpoints") or {}).get("best")
         if ckpt:
             net, _, meta = load_face_checkpoint(ckpt)
             return STAGE_LABELS.get(teacher_stage, teacher_stage), meta["embedding_model"]["name"], net
     for name, scfg in stage_cfgs.items():
-        if scfg.task.name == "face_distill":
+        if _is_face(scfg) and task_class(scfg.task.name).distills:
             spec = to_dict(scfg.teacher)
             teacher = build_face_teacher(spec, data_mean=scfg.data.get("mean", 0.5), data_std=scfg.data.get("std", 0.5))
             arch = spec.get("name") or Path(teacher.source).stem
@@ -129,7 +130,7 @@ def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_
             continue
         ckpt = (result.get("checkpoints") or {}).get("best")
         scfg = stage_cfgs.get(name)
-        if not ckpt or scfg is None or scfg.task.name not in ("face", "face_distill"):
+        if not ckpt or scfg is None or not _is_face(scfg):
             continue
         spec = to_dict(scfg[scfg.task.network])
         models.append((STAGE_LABELS.get(name, name), spec.get("name"), load_embedding_model(ckpt)))
@@ -156,7 +157,7 @@ def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_
         "params/MACs of ONNX models": "params = stored values of all initializers (int8 weights and their scales "
                                       "for SFace); MACs are not measured for ONNX models",
     }
-    kd = next((c for c in stage_cfgs.values() if c.task.name == "face_distill"), None)
+    kd = next((c for c in stage_cfgs.values() if _is_face(c) and task_class(c.task.name).distills), None)
     if kd is not None:
         distill = to_dict(kd.distill)
         extra.update(distill_method=distill.get("method"), distill_mix=sorted(distill.get("mix") or {}),

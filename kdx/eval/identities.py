@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from kdx.configs import build_datamodule
 from kdx.errors import ConfigError
+from kdx.io import safe_torch_load
 
 IDENTITY_MODES = ("auto", "test", "unseen", "all")
 # data modules whose identity split kdx-eval may rebuild from a run's config.yaml (no other code is run)
@@ -51,15 +55,11 @@ def _run_split(ckpt: Path, train: list[str]) -> RecordedSplit:
     if config_path is None or not config_path.is_file():
         split.note = "no run config.yaml next to the checkpoint's folder"
         return split
-    from omegaconf import OmegaConf
-
     data = OmegaConf.to_container(OmegaConf.load(config_path).get("data") or {}, resolve=False)
     target = str(data.get("_target_", ""))
     if target not in SPLIT_DATAMODULES:
         split.note = f"the run's data ({target or 'unknown'}) is not a face folder"
         return split
-    from kdx.configs import build_datamodule
-
     try:
         dm = build_datamodule(OmegaConf.create(data))
         run_train = list(dm.train_identities)
@@ -79,8 +79,6 @@ def recorded_split(model_path: str | Path) -> RecordedSplit | None:
     path = Path(model_path).expanduser()
     if path.suffix.lower() == ".onnx" or not path.is_file():
         return None
-    from kdx.io import safe_torch_load
-
     try:
         ckpt = safe_torch_load(path, what="model file")
     except Exception:  # load_embedding_model reports unreadable files itself

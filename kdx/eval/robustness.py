@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdx.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from kdx.errors import ConfigError
 
 ECE_BINS = 15
@@ -65,8 +66,6 @@ def pixel_space_of(dm: Any) -> PixelSpace:
             std = [float(std)] if isinstance(std, (int, float)) else list(std)
             return PixelSpace(mean, std)
     if type(dm).__name__ == "ImageFolderDataModule":  # its transforms default to ImageNet statistics
-        from kdx.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
         return PixelSpace(IMAGENET_MEAN, IMAGENET_STD)
     raise ConfigError(f"pipeline.compare.robustness needs the pixel normalisation of {type(dm).__name__}, which it "
                       "does not expose (mean/std); set pipeline.compare.robustness.enabled=false")

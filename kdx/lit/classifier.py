@@ -10,9 +10,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdx.checkpoints import plain_metadata
-from kdx.lit.terms import LossTermsMixin
+from kdx.lit.loss_logging import LossTermsMixin
 from kdx.lit.optim import configure_optimization
-from kdx.models import find_head
+from kdx.models import classifier_path
 
 
 class ClassifierModule(LossTermsMixin, pl.LightningModule):
@@ -35,7 +35,7 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
         self.backbone_lr_scale = float(backbone_lr_scale)
         self.l2sp_weight = float(l2sp_weight)
         self.model_meta = dict(model_meta or {})
-        self.head_path = find_head(net)[0]
+        self.head_path = classifier_path(net)
         self.save_hyperparameters(ignore=["net", "teacher", "distill", "example_input"])
         if self.freeze_backbone:
             for name, p in self.net.named_parameters():

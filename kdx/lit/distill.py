@@ -17,7 +17,7 @@ from kdx.distill import DistillBatch, DistillerSet, LayerTaps, build_distiller_s
 from kdx.distill.cache import CacheUnavailable, TeacherCache, cache_key, check_cache_config, teacher_fingerprint
 from kdx.errors import ConfigError
 from kdx.lit.classifier import ClassifierModule
-from kdx.models import find_head
+from kdx.models import classifier_path
 
 Outputs = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -221,7 +221,7 @@ class DistillationModule(DistillationMixin, ClassifierModule):
         super().__init__(net, num_classes, **classifier_kwargs)
         self.save_hyperparameters(ignore=["net", "teacher", "distill", "example_input"])
         self.configure_distillation(teacher, distill if distill is not None else {"method": "kd"}, alpha, save_teacher)
-        self.attach_taps(net, teacher, self.head_path, find_head(teacher)[0])
+        self.attach_taps(net, teacher, self.head_path, classifier_path(teacher))
         if example_input is None:
             size = self.model_meta.get("image_size", 32)
             size = (size, size) if isinstance(size, int) else tuple(size)

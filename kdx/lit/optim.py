@@ -1,32 +1,54 @@
-"""Optimizers and per-step learning-rate schedules (linear warmup, then cosine or step decay)."""
+"""Optimizers from the `optim` config (`_target_`: any torch.optim class, or an import path of one's own) and
+kdx's per-step learning-rate schedule (linear warmup, then cosine, step or constant)."""
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
+from hydra.utils import get_class
 
 from kdx.errors import ConfigError
 
+DEFAULT_OPTIMIZER = "torch.optim.SGD"
+# `optim.*` keys kdx reads itself (the schedule); every other key is an argument of the optimizer class
+SCHEDULE_KEYS = ("schedule", "warmup_epochs", "min_lr_ratio", "milestones", "gamma")
 
-def build_optimizer(param_groups: Iterable[dict[str, Any]], name: str = "sgd", lr: float = 0.1,
-                    weight_decay: float = 5e-4, momentum: float = 0.9, nesterov: bool = True,
-                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW over parameter groups that may carry their own lr scale."""
+
+def optimizer_class(target: str | None) -> type[torch.optim.Optimizer]:
+    """The optimizer class `optim._target_` names, or a ConfigError."""
+    target = target or DEFAULT_OPTIMIZER
+    try:
+        cls = get_class(target)
+    except Exception as e:
+        raise ConfigError(f"optim._target_={target!r} is not an importable class ({str(e).splitlines()[0]}); "
+                          f"name a torch.optim class, e.g. torch.optim.AdamW") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"optim._target_={target!r} is not a torch.optim.Optimizer")
+    return cls
+
+
+def optimizer_arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of an `optim` section that go to the optimizer class (all but _target_ and the schedule)."""
+    return {k: v for k, v in cfg.items() if k != "_target_" and k not in SCHEDULE_KEYS}
+
+
+def build_optimizer(param_groups: Iterable[dict[str, Any]], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer of an `optim` section over parameter groups, which may carry an `lr_scale` of their own."""
+    cls = optimizer_class(cfg.get("_target_"))
+    kwargs = optimizer_arguments(cfg)
+    lr = float(kwargs.get("lr", inspect.signature(cls).parameters["lr"].default))
     groups = []
     for g in param_groups:
         g = dict(g)
         g["lr"] = lr * g.pop("lr_scale", 1.0)
         groups.append(g)
-    name = name.lower()
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                               weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    raise ConfigError(f"optim.name must be sgd, adamw or adam, got {name!r}")
+    try:
+        return cls(groups, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optim: {cls.__module__}.{cls.__name__} refuses these arguments ({e}); check the optim "
+                          f"keys") from None
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
@@ -44,12 +66,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str 
     raise ConfigError(f"optim.schedule must be cosine, step or constant, got {schedule!r}")
 
 
-def configure_optimization(module, param_groups, cfg: dict[str, Any]) -> dict[str, Any]:
+def configure_optimization(module, param_groups, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What LightningModule.configure_optimizers returns for an `optim` config section."""
     cfg = dict(cfg)
-    opt = build_optimizer(param_groups, name=cfg.get("name", "sgd"), lr=float(cfg.get("lr", 0.1)),
-                          weight_decay=float(cfg.get("weight_decay", 5e-4)), momentum=float(cfg.get("momentum", 0.9)),
-                          nesterov=bool(cfg.get("nesterov", True)), betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    opt = build_optimizer(param_groups, cfg)
     total = max(1, int(module.trainer.estimated_stepping_batches))
     steps_per_epoch = total / max(1, module.trainer.max_epochs or 1)
     warmup = int(round(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch))

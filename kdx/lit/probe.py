@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kdx.errors import ConfigError
 from kdx.checkpoints import plain_metadata
 from kdx.lit.optim import configure_optimization
-from kdx.lit.terms import LossTermsMixin
+from kdx.lit.loss_logging import LossTermsMixin
 from kdx.models import penultimate_features
 
 
@@ -59,7 +59,7 @@ class LinearProbeModule(LossTermsMixin, pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         loss = self.probe_loss(self(x), y)
-        self.check_finite_terms({"probe": loss}, loss)  # a NaN/inf loss stops the run (kdx.lit.terms)
+        self.check_finite_terms({"probe": loss}, loss)  # a NaN/inf loss stops the run (kdx.lit.loss_logging)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
         return loss
 
@@ -76,8 +76,12 @@ class LinearProbeModule(LossTermsMixin, pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The probe's own weights (the teacher stays frozen)."""
+        return [{"params": list(self.head.parameters())}]
+
     def configure_optimizers(self):
-        return configure_optimization(self, [{"params": list(self.head.parameters())}], self.optim_cfg)
+        return configure_optimization(self, self.parameter_groups(), self.optim_cfg)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         plain_metadata(checkpoint)  # loadable with weights_only=True (kdx.checkpoints)

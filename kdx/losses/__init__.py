@@ -16,10 +16,11 @@ from kdx.losses.face import (
 from kdx.losses.logits import (bce_soft_loss, check_temperature, dist_loss, dkd_loss, kd_loss, logit_mse_loss,
                                logit_standardize)
 from kdx.losses.relations import pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
-from kdx.losses.margin import MARGIN_HEADS, CombinedMarginHead, arcface_head, cosface_head, margin_loss, normsoftmax
+from kdx.losses.margin import (MARGIN_PRESETS, CombinedMarginHead, arcface_head, build_margin_head, cosface_head,
+                               margin_loss, normsoftmax)
 
 __all__ = [
-    "EMBEDDING_LOSSES", "MARGIN_HEADS", "CombinedMarginHead", "EmbeddingProjector", "arcface_head",
+    "EMBEDDING_LOSSES", "MARGIN_PRESETS", "CombinedMarginHead", "EmbeddingProjector", "arcface_head", "build_margin_head",
     "check_embedding_dims", "cosface_head", "embedding_cosine_loss", "embedding_mse_loss", "make_projector",
     "margin_loss", "normsoftmax", "relational_kd_loss",
     "attention_map", "attention_transfer_loss", "bce_soft_loss", "check_temperature",

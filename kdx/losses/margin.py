@@ -93,19 +93,32 @@ def margin_loss(margin_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(margin_logits, labels.long(), ignore_index=-1)
 
 
+# preset -> (m1, m2, m3): normalised softmax, ArcFace additive angular, CosFace additive cosine margin
+MARGIN_PRESETS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "normsoftmax": (1.0, 0.0, 0.0)}
+
+
+def build_margin_head(embedding_size: int, num_classes: int, kind: str = "arcface", s: float = 64.0,
+                      m1: float | None = None, m2: float | None = None, m3: float | None = None,
+                      easy_margin: bool = False) -> CombinedMarginHead:
+    """A CombinedMarginHead from a `task.margin` config: preset `kind`, scale `s`, optional m1/m2/m3 overrides."""
+    if kind not in MARGIN_PRESETS:
+        raise ConfigError(f"task.margin.kind must be one of {', '.join(MARGIN_PRESETS)}, got {kind!r}")
+    p1, p2, p3 = MARGIN_PRESETS[kind]
+    return CombinedMarginHead(embedding_size, num_classes, s=float(s), m1=float(p1 if m1 is None else m1),
+                              m2=float(p2 if m2 is None else m2), m3=float(p3 if m3 is None else m3),
+                              easy_margin=bool(easy_margin))
+
+
 def arcface_head(embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5) -> CombinedMarginHead:
     """ArcFace (additive angular margin): m1=1, m2=m (0.5), m3=0."""
-    return CombinedMarginHead(embedding_size, num_classes, s=s, m1=1.0, m2=m, m3=0.0)
+    return build_margin_head(embedding_size, num_classes, "arcface", s=s, m2=m)
 
 
 def cosface_head(embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4) -> CombinedMarginHead:
     """CosFace (additive cosine margin): m1=1, m2=0, m3=m (0.4)."""
-    return CombinedMarginHead(embedding_size, num_classes, s=s, m1=1.0, m2=0.0, m3=m)
+    return build_margin_head(embedding_size, num_classes, "cosface", s=s, m3=m)
 
 
 def normsoftmax(embedding_size: int, num_classes: int, s: float = 64.0) -> CombinedMarginHead:
     """Normalised softmax (NormFace): scaled cosine logits, no margin."""
-    return CombinedMarginHead(embedding_size, num_classes, s=s, m1=1.0, m2=0.0, m3=0.0)
-
-
-MARGIN_HEADS = {"arcface": arcface_head, "cosface": cosface_head, "normsoftmax": normsoftmax}
+    return build_margin_head(embedding_size, num_classes, "normsoftmax", s=s)

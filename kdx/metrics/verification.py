@@ -7,6 +7,11 @@ into `nrof_folds` contiguous folds (KFold without shuffle: the first `n % k` fol
 pair); for each fold the threshold with the best accuracy on the other folds (first one on ties)
 scores the fold (`distance < threshold` means "same"). `accuracy` is the mean over folds.
 AUC and TAR@FAR use all pairs with similarity = -distance.
+
+AUC and TAR@FAR are computed here in float64 rather than with torchmetrics' binary_auroc / binary_roc: those
+cast scores to float32 (and squash them with a sigmoid), which merges nearby distances into ties and moves both
+numbers by up to ~1e-3 on small pair sets; the protocol's exact rule (TAR above the (floor(FAR * negatives) + 1)-th
+highest negative, ties counted half in the AUC) is kept as insightface states it.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ import fnmatch
 import os
 import sys
 
+from kdx.models import list_models
+
 SOURCES = ("kdx", "torchvision", "timm", "all")
 
 
@@ -39,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """List the names; exit 1 with close matches when a pattern matches nothing."""
-    from kdx.models import list_models
-
     args = build_parser().parse_args(argv)
     patterns = list(args.patterns)
     source = args.source

@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdx.models.contract import ClassifierNet
+from kdx.models.registry import register_model
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a projection shortcut when the shape changes."""
@@ -27,7 +30,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ClassifierNet):
     """A 3-stage ResNet of depth 6n+2 with stage widths `widths` (stem width first)."""
 
     feature_stages = ("layer1", "layer2", "layer3")  # module paths of the stage outputs (feature taps)
@@ -62,9 +65,6 @@ class CifarResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         return torch.flatten(self.pool(x), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
-
 
 def _factory(depth: int, widths: tuple[int, int, int, int]):
     def build(num_classes: int = 10, in_chans: int = 3, **_: object) -> CifarResNet:
@@ -75,13 +75,17 @@ def _factory(depth: int, widths: tuple[int, int, int, int]):
 
 
 CIFAR_RESNETS = {
-    "resnet8": _factory(8, (16, 16, 32, 64)),
-    "resnet14": _factory(14, (16, 16, 32, 64)),
-    "resnet20": _factory(20, (16, 16, 32, 64)),
-    "resnet32": _factory(32, (16, 16, 32, 64)),
-    "resnet44": _factory(44, (16, 16, 32, 64)),
-    "resnet56": _factory(56, (16, 16, 32, 64)),
-    "resnet110": _factory(110, (16, 16, 32, 64)),
-    "resnet8x4": _factory(8, (32, 64, 128, 256)),
-    "resnet32x4": _factory(32, (32, 64, 128, 256)),
+    "resnet8": (8, (16, 16, 32, 64)),
+    "resnet14": (14, (16, 16, 32, 64)),
+    "resnet20": (20, (16, 16, 32, 64)),
+    "resnet32": (32, (16, 16, 32, 64)),
+    "resnet44": (44, (16, 16, 32, 64)),
+    "resnet56": (56, (16, 16, 32, 64)),
+    "resnet110": (110, (16, 16, 32, 64)),
+    "resnet8x4": (8, (32, 64, 128, 256)),
+    "resnet32x4": (32, (32, 64, 128, 256)),
 }
+"""name -> (depth, stem and stage widths) of the registered CIFAR ResNets."""
+
+for _name, (_depth, _widths) in CIFAR_RESNETS.items():
+    register_model(_name)(_factory(_depth, _widths))

@@ -1,4 +1,4 @@
-"""Embedding networks by name: kdx's face nets as they are, or any classifier with its head replaced."""
+"""Embedding networks by name: kdx's face nets as they are, or any classifier with its classifier replaced."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,17 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdx.configs import as_hw
 from kdx.errors import ConfigError
-from kdx.models.iresnet import IRESNETS
-from kdx.models.mobilefacenet import mobilefacenet
-from kdx.models.registry import _set_module, build_model, find_head, load_weights, resolve_source
-
-FACE_MODELS = {**IRESNETS, "mobilefacenet": mobilefacenet}
-
-
-def is_face_model(name: str) -> bool:
-    """True when `name` is one of kdx's face-embedding nets (IResNet, MobileFaceNet)."""
-    return name.removeprefix("kdx:") in FACE_MODELS
+from kdx.models.contract import classifier_path, get_classifier, set_module
+from kdx.models.registry import build_model, is_embedding_model, registered_models, resolve_source
+from kdx.models.weights import load_weights
 
 
 class EmbeddingHead(nn.Sequential):
@@ -34,9 +28,9 @@ def build_embedding_model(name: str, embedding_size: int = 512, in_chans: int = 
     if not isinstance(embedding_size, int) or embedding_size <= 0:
         raise ConfigError(f"model.embedding_size must be a positive integer, got {embedding_size!r}")
     bare = name.removeprefix("kdx:")
-    if bare in FACE_MODELS:
-        model = FACE_MODELS[bare](num_classes=0, in_chans=in_chans, embedding_size=embedding_size,
-                                  input_size=input_size, **kwargs)
+    if is_embedding_model(name):
+        model = registered_models()[bare](num_classes=0, in_chans=in_chans, embedding_size=embedding_size,
+                                          input_size=input_size, **kwargs)
         if pretrained:
             if pretrained is True or not Path(str(pretrained)).expanduser().exists():
                 raise ConfigError(f"face model {name!r} has no downloadable weights; set model.pretrained to a local "
@@ -45,18 +39,10 @@ def build_embedding_model(name: str, embedding_size: int = 512, in_chans: int = 
     else:
         resolve_source(name)  # raises ModelNotFoundError with suggestions
         model = build_model(name, num_classes=embedding_size, in_chans=in_chans, pretrained=pretrained, **kwargs)
-        path, head = find_head(model)
-        _set_module(model, path, EmbeddingHead(head.in_features, embedding_size))
+        set_module(model, classifier_path(model), EmbeddingHead(get_classifier(model).in_features, embedding_size))
     model.embedding_size = embedding_size
-    model.input_size = _pair(input_size)  # what the net expects; `fit_input` resizes other batches to it
+    model.input_size = as_hw(input_size)  # what the net expects; `fit_input` resizes other batches to it
     return model
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 def fit_input(x: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
@@ -69,4 +55,4 @@ def fit_input(x: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
 def model_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The H x W an embedding network was built for (attribute `input_size`), or None when unknown."""
     size = getattr(model, "input_size", None)
-    return _pair(size) if size is not None else None
+    return as_hw(size) if size is not None else None

@@ -12,17 +12,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from kdx.configs import as_hw
 from kdx.models.registry import register_model
 
 IRESNET_LAYERS = {"iresnet18": (2, 2, 2, 2), "iresnet34": (3, 4, 6, 3), "iresnet50": (3, 4, 14, 3),
                   "iresnet100": (3, 13, 30, 3)}
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 def _halve(n: int) -> int:
@@ -55,12 +49,13 @@ class IResNet(nn.Module):
     """IResNet backbone + embedding head; `forward` returns B x embedding_size."""
 
     feature_stages = ("layer1", "layer2", "layer3", "layer4")  # stage outputs (feature taps)
+    classifier_path = None  # an embedding network: `fc` projects to the embedding, the classes live in a margin head
 
     def __init__(self, layers: Sequence[int], embedding_size: int = 512, in_chans: int = 3,
                  input_size: int | Sequence[int] = 112, dropout: float = 0.0, widths=(64, 128, 256, 512)):
         super().__init__()
         self.embedding_size = embedding_size
-        self.input_size = _pair(input_size)
+        self.input_size = as_hw(input_size)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0], eps=1e-5)
         self.prelu = nn.PReLU(widths[0])
@@ -109,4 +104,5 @@ def _factory(name: str):
     return build
 
 
-IRESNETS = {name: register_model(name)(_factory(name)) for name in IRESNET_LAYERS}
+for _name in IRESNET_LAYERS:
+    register_model(_name, embedding=True)(_factory(_name))

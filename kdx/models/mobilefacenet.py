@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from kdx.errors import ConfigError
+from kdx.configs import as_hw
 from kdx.models.registry import register_model
 
 ARCFACE_TORCH_VARIANTS = {"mbf": {"scale": 2, "blocks": (1, 4, 6, 2)},
@@ -34,13 +35,6 @@ ARCFACE_TORCH_VARIANTS = {"mbf": {"scale": 2, "blocks": (1, 4, 6, 2)},
 """arcface_torch `get_model` names -> MobileFaceNet arguments building the same network."""
 
 STEM_GROUPS = 64  # groups of the stem's second conv (depthwise at scale 1, 64 groups at any scale)
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 class _Layers(nn.Module):
@@ -104,6 +98,9 @@ class GDC(_Layers):
 class MobileFaceNet(nn.Module):
     """MobileFaceNet; `forward` returns B x embedding_size (unnormalised)."""
 
+    feature_stages = ("layers.1", "layers.3", "layers.5", "conv_sep")  # the last output of each resolution
+    classifier_path = None  # an embedding network: the classes live in a margin head
+
     def __init__(self, embedding_size: int = 512, in_chans: int = 3, input_size: int | Sequence[int] = 112,
                  blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 1):
         super().__init__()
@@ -112,7 +109,7 @@ class MobileFaceNet(nn.Module):
         if not isinstance(scale, int) or scale < 1:
             raise ConfigError(f"MobileFaceNet scale must be a positive integer, got {scale!r}")
         self.embedding_size = embedding_size
-        self.input_size = _pair(input_size)
+        self.input_size = as_hw(input_size)
         self.scale, self.blocks = scale, tuple(int(b) for b in blocks)
         c64, c128 = 64 * scale, 128 * scale
         stem = (ConvBNPReLU(c64, c64, 3, 1, 1, groups=STEM_GROUPS) if blocks[0] == 1
@@ -139,7 +136,7 @@ class MobileFaceNet(nn.Module):
         return self.features(self.conv_sep(x))
 
 
-@register_model("mobilefacenet")
+@register_model("mobilefacenet", embedding=True)
 def mobilefacenet(num_classes: int = 0, in_chans: int = 3, embedding_size: int = 512,
                   input_size: int | Sequence[int] = 112, arch: str | None = None, **kwargs) -> MobileFaceNet:
     """MobileFaceNet returning an `embedding_size`-d embedding (default 512; 128 is the paper's).
@@ -156,5 +153,3 @@ def mobilefacenet(num_classes: int = 0, in_chans: int = 3, embedding_size: int =
         kwargs.update(ARCFACE_TORCH_VARIANTS[arch])
     return MobileFaceNet(embedding_size=embedding_size, in_chans=in_chans, input_size=input_size, **kwargs)
 
-
-FACE_NETS_MOBILE = {"mobilefacenet": mobilefacenet}

@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdx.models.contract import ClassifierNet
+from kdx.models.registry import register_model
+
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv twice, with optional dropout between the convolutions."""
@@ -28,7 +31,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(ClassifierNet):
     """WRN-depth-widen: 3 stages of (depth-4)/6 blocks, widths 16k, 32k, 64k."""
 
     feature_stages = ("block1", "block2", "block3")  # module paths of the stage outputs (feature taps)
@@ -63,9 +66,6 @@ class WideResNet(nn.Module):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
         return torch.flatten(self.pool(self.relu(self.bn(x))), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
-
 
 def _factory(depth: int, widen: int):
     def build(num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0, **_: object) -> WideResNet:
@@ -75,10 +75,9 @@ def _factory(depth: int, widen: int):
     return build
 
 
-WIDE_RESNETS = {
-    "wrn_16_1": _factory(16, 1),
-    "wrn_16_2": _factory(16, 2),
-    "wrn_40_1": _factory(40, 1),
-    "wrn_40_2": _factory(40, 2),
-    "wrn_28_10": _factory(28, 10),
-}
+WIDE_RESNETS = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2),
+                "wrn_28_10": (28, 10)}
+"""name -> (depth, widening factor) of the registered Wide ResNets."""
+
+for _name, (_depth, _widen) in WIDE_RESNETS.items():
+    register_model(_name)(_factory(_depth, _widen))

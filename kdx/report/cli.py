@@ -10,7 +10,7 @@ from pathlib import Path
 from kdx.errors import KdxError
 from kdx.io import atomic_write_text
 from kdx.report import tables
-from kdx.report.escape import terminal_text
+from kdx.text import terminal_text
 from kdx.report.collect import JobRecord, collect_jobs
 
 REPORT_MD = "report.md"

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from kdx.errors import KdxError
 from kdx.io import atomic_write_text
-from kdx.report.escape import csv_cell, markdown_text, rich_text
+from kdx.text import csv_cell, markdown_table as _markdown_table, markdown_text, rich_text
 from kdx.report.collect import HPARAM_KEYS, JobRecord, is_nan, natural_key, to_float
 
 MARKER = "<!-- kdx-report -->"
@@ -353,17 +353,9 @@ def _cell_text(value: Any) -> str:
     return text[:297] + "..." if len(text) > 300 else text
 
 
-def _md_cell(value: Any) -> str:
-    """Escape a value for a Markdown table cell (Markdown, HTML and control characters made inert)."""
-    return markdown_text(_cell_text(value))
-
-
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub Markdown table."""
-    lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A GitHub Markdown table of report values (each one line of at most 300 characters, made inert)."""
+    return _markdown_table([_cell_text(h) for h in headers], [[_cell_text(c) for c in row] for row in rows])
 
 
 def _time_s(job: JobRecord) -> float | None:
@@ -526,7 +518,7 @@ def print_rich(ranked: list[JobRecord], failed: list[JobRecord], metric: str | N
     tests = tests[:2]
     headers, rows = ranking_rows(ranked, metric, tests)
     varying, common = split_overrides(ranked)
-    cells: dict[str, list[str]] = {h: [_md_cell(r[i]) for r in rows] for i, h in enumerate(headers)}
+    cells: dict[str, list[str]] = {h: [markdown_text(_cell_text(r[i])) for r in rows] for i, h in enumerate(headers)}
     cells["overrides"] = [" ".join(f"{k}={_short_value(v)}" for k, _, v in (o.partition("=") for o in items))
                           for items in varying]
     names = {"overrides": "other overrides", "T": "T", "alpha": "alpha"}

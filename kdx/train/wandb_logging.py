@@ -6,14 +6,19 @@ Offline runs land in `<run folder>/wandb/offline-run-*`; upload them later with 
 from __future__ import annotations
 
 import math
+import netrc
 import os
+import secrets
+import string
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
-from kdx.io import read_results
+from kdx.io import atomic_write_text, read_results
 from kdx.ranks import is_global_zero_process
 
 RUN_ID_FILE = "wandb-run-id"  # in the run folder: the W&B run id this folder logs to
@@ -21,16 +26,17 @@ LOGGER_KEYS = ("project", "entity", "group", "tags", "name", "notes", "job_type"
 
 
 def has_api_key() -> bool:
-    """True when an API key is configured (WANDB_API_KEY or a netrc entry); never prompts, never goes online."""
+    """True when an API key is configured (WANDB_API_KEY, or an entry for the W&B host in the netrc file that
+    `wandb login` writes); never prompts, never goes online."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
     try:
-        from wandb.sdk.lib import wbauth
-
-        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-        return bool(wbauth.read_netrc_auth(host=host))
-    except Exception:  # an API change must not cost a prompt: assume no key
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):  # no file, or one netrc cannot read: no key
         return False
+    return bool(entry and entry[2])
 
 
 def resolve_mode(mode: str | None = None) -> str:
@@ -76,22 +82,15 @@ def run_id_for(run_dir: Path) -> str:
     path = run_dir / RUN_ID_FILE
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
-    import secrets
-    import string
-
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
     if is_global_zero_process():
-        from kdx.io import atomic_write_text
-
         atomic_write_text(path, run_id + "\n")
     return run_id
 
 
 def build_wandb_logger(options: dict[str, Any], run_dir: Path, cfg: DictConfig):
     """A Lightning WandbLogger from the `logger.wandb` options, writing under `run_dir/wandb`."""
-    from pytorch_lightning.loggers import WandbLogger
-
     opts = dict(options or {})
     mode = prepare_environment(opts.pop("mode", None))
     run_dir = Path(run_dir)
@@ -112,8 +111,6 @@ def build_wandb_logger(options: dict[str, Any], run_dir: Path, cfg: DictConfig):
 
 
 def _wandb_logger(trainer) -> Any:
-    from pytorch_lightning.loggers import WandbLogger
-
     for logger in getattr(trainer, "loggers", []) or []:
         if isinstance(logger, WandbLogger):
             return logger

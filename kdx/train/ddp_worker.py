@@ -1,7 +1,7 @@
-"""`python -m kdx.ddp_worker RUN_DIR`: train the config saved in RUN_DIR in a fresh process.
+"""`python -m kdx.train.ddp_worker RUN_DIR`: train the config saved in RUN_DIR in a fresh process.
 
-kdx.sweep starts it (run_ddp_worker) when a multi-GPU job is part of a sweep or a pipeline, so that the DDP
-ranks are forked from a clean process; it sits above kdx.train, which it calls.
+kdx.train.ddp.run_ddp_worker starts it when a multi-GPU job is part of a sweep or a pipeline, so that the
+DDP ranks are forked from a clean process.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from kdx.errors import KdxError
 from kdx.io import read_results
-from kdx.train import run_training
+from kdx.train.run import run_training
 
 
 def main(argv: list[str]) -> int:

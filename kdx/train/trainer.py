@@ -1,19 +1,32 @@
 """The Lightning Trainer of a run: checkpoints, loggers and progress output from the `trainer`/`logger` configs."""
 from __future__ import annotations
 
+import csv
+import io
+import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.core.saving import save_hparams_to_yaml
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from kdx.errors import ConfigError
+from kdx.checkpoints import check_finite_weights, plain_checkpoint, read_checkpoint
+from kdx.errors import ConfigError, NonFiniteError
+from kdx.io import atomic_path, atomic_write_text
 from kdx.progress import progress_callbacks
 from kdx.quiet import quiet_library_output
+from kdx.train.wandb_logging import build_wandb_logger
 
 # keys of the `trainer` config that kdx handles itself instead of passing to pl.Trainer
 KDX_TRAINER_KEYS = ("progress_bar", "progress_every", "channels_last", "compile")
@@ -31,9 +44,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        from kdx.checkpoints import check_finite_weights, plain_checkpoint
-        from kdx.io import atomic_path
-
         plain_checkpoint(checkpoint)
         check_finite_weights(checkpoint.get("state_dict") or {},
                              f" at epoch {int(checkpoint.get('epoch', 0)) + 1}, step {checkpoint.get('global_step')}")
@@ -44,8 +54,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 time.sleep(float(pause))
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        from kdx.checkpoints import read_checkpoint
-
         return read_checkpoint(path)
 
 
@@ -82,11 +90,6 @@ class RandomState(Callback):
         return "kdx.RandomState"
 
     def state_dict(self) -> dict[str, Any]:
-        import random
-
-        import numpy as np
-        import torch
-
         name, keys, pos, has_gauss, cached = np.random.get_state()
         state = {"python": random.getstate(), "torch": torch.get_rng_state(),
                  "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -98,11 +101,6 @@ class RandomState(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied at once: what follows in Trainer.fit before the first training batch (optimizer set-up,
         # the sanity check, which Lightning runs under isolate_rng) draws nothing from these generators.
-        import random
-
-        import numpy as np
-        import torch
-
         if "python" in state_dict:
             version, internal, gauss = state_dict["python"]
             random.setstate((version, tuple(internal), gauss))
@@ -118,7 +116,7 @@ class RandomState(Callback):
 
 
 class InterruptState:
-    """Ctrl-C bookkeeping shared by kdx.train's SIGINT handler and the InterruptCheck callback."""
+    """Ctrl-C bookkeeping shared by kdx.train.run's SIGINT handler and the InterruptCheck callback."""
 
     requested = 0  # SIGINTs received during the current run
     cooperative = False  # True while a Trainer runs: the first Ctrl-C is acted on at the next batch boundary
@@ -160,7 +158,7 @@ class InterruptCheck(Callback):
 class FiniteGuard(Callback):
     """Stops a run whose monitored metric becomes NaN or infinite, before any checkpoint of that epoch is
     written (Lightning runs checkpoint callbacks after the others). Loss terms are checked as they are
-    computed (kdx.lit.terms); checks deferred on accelerators are settled here at each epoch end."""
+    computed (kdx.lit.loss_logging); checks deferred on accelerators are settled here at each epoch end."""
 
     def __init__(self, monitor: str | None) -> None:
         self.monitor = monitor
@@ -181,10 +179,6 @@ class FiniteGuard(Callback):
         self._settle(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import math
-
-        from kdx.errors import NonFiniteError
-
         if trainer.sanity_checking or not self.monitor or self.monitor not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[self.monitor])
@@ -194,98 +188,86 @@ class FiniteGuard(Callback):
                                  f"here and keeps the checkpoints written before; lower optim.lr or check the data and the loss")
 
 
-def _csv_logger_class():
-    """A CSVLogger whose metrics.csv and hparams.yaml are rewritten atomically and which keeps the rows of an
-    earlier part of the run (Lightning's deletes metrics.csv on start and rewrites it in place when a new
-    column appears: a kill at that moment lost every row)."""
-    import csv
-    import io as _io
+class AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, but metrics.csv and hparams.yaml are rewritten atomically and an existing
+    metrics.csv is kept (Lightning's deletes it on start and rewrites it in place when a new column appears:
+    a kill at that moment lost every row)."""
 
-    from pytorch_lightning.loggers import CSVLogger
-    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-    from pytorch_lightning.loggers.logger import rank_zero_experiment
+    def _check_log_dir_exists(self) -> None:  # keep an existing metrics.csv (a resumed run appends to it)
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(set(header))
 
-    from kdx.io import atomic_path, atomic_write_text
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+        with atomic_path(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
 
-    class AtomicExperimentWriter(ExperimentWriter):
-        def _check_log_dir_exists(self) -> None:  # keep an existing metrics.csv (a resumed run appends to it)
-            if self._fs.isfile(self.metrics_file_path):
-                with open(self.metrics_file_path, newline="") as f:
-                    header = next(csv.reader(f), [])
-                self.metrics_keys = sorted(set(header))
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        rows: list[dict[str, Any]] = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        self._record_new_keys()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        writer.writerows(self.metrics)
+        atomic_write_text(self.metrics_file_path, buffer.getvalue())
+        self.metrics = []
 
-        def log_hparams(self, params: dict[str, Any]) -> None:
-            from pytorch_lightning.core.saving import save_hparams_to_yaml
 
-            self.hparams.update(params)
-            with atomic_path(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)) as tmp:
-                save_hparams_to_yaml(tmp, self.hparams)
+class AtomicCSVLogger(CSVLogger):
+    """A CSVLogger writing through AtomicExperimentWriter, whose rows reach the disk with every checkpoint."""
 
-        def save(self) -> None:
-            if not self.metrics:
-                return
-            rows: list[dict[str, Any]] = []
-            if os.path.isfile(self.metrics_file_path):
-                with open(self.metrics_file_path, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            self._record_new_keys()
-            buffer = _io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            writer.writerows(self.metrics)
-            atomic_write_text(self.metrics_file_path, buffer.getvalue())
-            self.metrics = []
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # rows logged up to a checkpoint reach the disk with it: a killed run loses none it resumes past
+        super().after_save_checkpoint(checkpoint_callback)
+        if self._experiment is not None:
+            self.save()
 
-    class _KdxCSVLogger(CSVLogger):
-        def after_save_checkpoint(self, checkpoint_callback) -> None:
-            # rows logged up to a checkpoint reach the disk with it: a killed run loses none it resumes past
-            super().after_save_checkpoint(checkpoint_callback)
-            if self._experiment is not None:
-                self.save()
-
-        @property
-        @rank_zero_experiment
-        def experiment(self):
-            if self._experiment is not None:
-                return self._experiment
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = AtomicExperimentWriter(log_dir=self.log_dir)
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is not None:
             return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
 
-    return _KdxCSVLogger
+
+def _csv_logger(options: dict[str, Any], run_dir: Path, cfg: DictConfig):
+    return AtomicCSVLogger(save_dir=str(run_dir), name="", version="", **options)
+
+
+def _tensorboard_logger(options: dict[str, Any], run_dir: Path, cfg: DictConfig):
+    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", **options)
+
+
+# `logger=` options: name -> builder(options, run_dir, cfg)
+LOGGERS = {"csv": _csv_logger, "tensorboard": _tensorboard_logger, "wandb": build_wandb_logger}
 
 
 def build_loggers(logger_cfg: dict[str, Any] | None, run_dir: Path, cfg: DictConfig) -> list:
     """Loggers named in the `logger` config (csv, tensorboard, wandb; several at once is fine)."""
     loggers = []
     for name, options in (logger_cfg or {}).items():
-        options = dict(options or {})
+        if name not in LOGGERS:
+            raise ConfigError(f"logger {name!r} is unknown; use logger=csv, tensorboard or wandb (or a list of them)")
         try:
-            if name == "csv":
-                loggers.append(_csv_logger_class()(save_dir=str(run_dir), name="", version="", **options))
-            elif name == "tensorboard":
-                from pytorch_lightning.loggers import TensorBoardLogger
-
-                loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", **options))
+            loggers.append(LOGGERS[name](dict(options or {}), run_dir, cfg))
         except TypeError as e:  # an option the logger does not take, e.g. +logger.csv.flush_every=10
             raise ConfigError(f"logger.{name} has an option the {name} logger does not take ({e}); see the "
                               f"logger's arguments or drop it") from None
-        if name in ("csv", "tensorboard"):
-            continue
-        if name == "wandb":
-            from kdx.logging_wandb import build_wandb_logger
-
-            loggers.append(build_wandb_logger(options, run_dir, cfg))
-        else:
-            raise ConfigError(f"logger {name!r} is unknown; use logger=csv, tensorboard or wandb (or a list of them)")
     return loggers
 
 
 def _uses_gpu(accelerator: Any) -> bool:
     """True when `trainer.accelerator` runs on CUDA GPUs ('auto' picks them when present)."""
-    import torch
-
     name = str(accelerator or "auto").lower()
     return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
 

@@ -1,9 +1,12 @@
-"""Escaping of text kdx did not write itself (config values, job folders, error messages) before it goes into
-a Markdown report, onto a terminal or into a CSV file that a spreadsheet may open."""
+"""Text kdx writes for people: escaping of text kdx did not write itself (config values, job folders, error
+messages) before it goes into a Markdown file, onto a terminal or into a CSV file that a spreadsheet may open,
+and the one Markdown table writer (sweep reports, comparison tables)."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Sequence
+
+from rich.text import Text
 
 # C0 and C1 control characters (ESC starts terminal control sequences) and DEL; tab and newline included
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -29,10 +32,8 @@ def terminal_text(value: Any) -> str:
     return visible_controls(str(value))
 
 
-def rich_text(value: Any) -> "rich.text.Text":  # noqa: F821
+def rich_text(value: Any) -> Text:
     """`value` as a rich Text: no markup, emoji codes or control sequences are interpreted."""
-    from rich.text import Text
-
     return Text(terminal_text(value))
 
 
@@ -50,3 +51,11 @@ def csv_cell(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(_FORMULA_START) and not _is_number(value):
         return "'" + value
     return value
+
+
+def markdown_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; every header and cell is made inert Markdown (markdown_text)."""
+    lines = ["| " + " | ".join(markdown_text(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(markdown_text(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

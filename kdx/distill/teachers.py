@@ -1,0 +1,75 @@
+"""Frozen face teachers: an embedding network (torch or ONNX) and, for a kdx face checkpoint, its margin head,
+built from a teacher spec (`teacher.onnx`, `teacher.ckpt` or `teacher.name` + `teacher.pretrained`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from kdx.checkpoints import load_face_checkpoint
+from kdx.errors import ConfigError
+from kdx.losses.margin import CombinedMarginHead
+from kdx.models import build_embedding_model, fit_input, model_input_size
+from kdx.models.onnx_teacher import OnnxEmbeddingModel, sface_model_path
+
+PREPROCESS_KEYS = ("input_size", "channel_order", "value_range", "mean", "std", "convert_channels")
+
+
+class FaceTeacher(nn.Module):
+    """A frozen face teacher: embedding network (torch or ONNX) and, for a kdx face checkpoint, its margin head.
+
+    `forward(x)` returns {"embedding": B x D} and, when the head is present, {"logits": B x K} (scaled cosines).
+    """
+
+    def __init__(self, net: nn.Module, head: CombinedMarginHead | None = None, class_names: Sequence[str] | None = None,
+                 input_size: Sequence[int] | None = None, source: str = ""):
+        super().__init__()
+        self.net, self.head = net, head
+        self.class_names = list(class_names or [])
+        self.input_size = tuple(input_size) if input_size is not None else model_input_size(net)
+        self.source = source
+        self.is_onnx = isinstance(net, OnnxEmbeddingModel)
+
+    @property
+    def embedding_size(self) -> int:
+        """Size of the teacher's embeddings."""
+        return int(self.net.embedding_size)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's outputs for a data-normalised batch."""
+        emb = self.net(x if self.is_onnx else fit_input(x, self.input_size)).float()
+        out = {"embedding": emb}
+        if self.head is not None:
+            out["logits"] = self.head(emb)
+        return out
+
+
+def build_face_teacher(spec: Mapping[str, Any], data_mean: Any = 0.5, data_std: Any = 0.5) -> FaceTeacher:
+    """The frozen teacher of a model spec: `onnx` (a path or `sface`), `ckpt` (a face run) or `name`+`pretrained`."""
+    onnx, ckpt = spec.get("onnx"), spec.get("ckpt")
+    if onnx and ckpt:
+        raise ConfigError(f"teacher.onnx={onnx} and teacher.ckpt={ckpt} are both set; keep one (teacher.onnx=null "
+                          "to distil from the checkpoint)")
+    if onnx:
+        path = sface_model_path() if str(onnx).lower() == "sface" else Path(str(onnx)).expanduser()
+        pre = dict(spec.get("preprocess") or {})
+        unknown = set(pre) - set(PREPROCESS_KEYS)
+        if unknown:
+            raise ConfigError(f"teacher.preprocess has unknown keys {sorted(unknown)}; use {', '.join(PREPROCESS_KEYS)}")
+        net = OnnxEmbeddingModel(path, input_size=pre.get("input_size"), channel_order=pre.get("channel_order") or "RGB",
+                                 value_range=tuple(pre.get("value_range") or (0.0, 255.0)), mean=pre.get("mean"),
+                                 std=pre.get("std"), convert_channels=bool(pre.get("convert_channels", True)),
+                                 input_mean=data_mean, input_std=data_std, device=spec.get("device") or "cpu")
+        return FaceTeacher(net, source=str(path))
+    if ckpt:
+        net, head, meta = load_face_checkpoint(ckpt)
+        return FaceTeacher(net, head, meta.get("class_names"), source=str(ckpt))
+    if spec.get("pretrained"):
+        kwargs = dict(spec.get("kwargs") or {})
+        net = build_embedding_model(spec["name"], int(kwargs.pop("embedding_size", 512)),
+                                    pretrained=spec["pretrained"], **kwargs)
+        return FaceTeacher(net.eval(), source=str(spec["pretrained"]))
+    raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding model), "
+                      "teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")

@@ -1,0 +1,120 @@
+"""The task registry: each kind of training run is one Task class, registered by name (`task=<name>`), with a
+dataclass of its `task.*` keys.
+
+A Task checks what its run needs beyond the config's types (a teacher to distil from, data it can use), and
+builds the LightningModule from the composed config and the datamodule. Adding a task is one file here
+(a `Task` subclass with `@register_task`) plus one `conf/task/<name>.yaml`; a task of one's own can live
+outside kdx and be named by import path (`task.name=my_pkg.tasks:MyTask`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from kdx.configs import to_dict
+from kdx.errors import ConfigError
+from kdx.schemas import check_section
+
+
+@dataclass
+class Built:
+    """What a task builds: the LightningModule, and the parameter counts of its networks (results.json)."""
+
+    module: pl.LightningModule
+    params: dict[str, int]
+
+
+class Task:
+    """One kind of training run. Subclasses set `name` and `Options` (the dataclass of `task.*`) and implement
+    `build`; `distills` says whether the run reads the `distill` section (and so a teacher)."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type]
+    distills: ClassVar[bool] = False
+    learns_from_unlabeled: ClassVar[bool] = False  # may the data add images without labels (data.use_unlabeled)
+    kind: ClassVar[str] = "classification"  # or "face": what the datamodule yields and the comparison scores
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.options = check_section(to_dict(cfg.task), self.Options, "task", what=f"task={self.name}")
+
+    def check(self) -> None:
+        """Refuse, in one sentence naming the key, a config this task cannot run (before any work)."""
+        data = self.cfg.data
+        if not self.learns_from_unlabeled and (data.get("use_unlabeled") or data.get("unlabeled")):
+            raise ConfigError(f"data.use_unlabeled / data.unlabeled add images without labels, which only distillation "
+                              f"can learn from; drop them for task={self.name}, or use task=distill")
+
+    def create(self, dm: Any) -> Built:
+        """Check the run, tie the datamodule's seeded views to the run's seed, and build the module."""
+        self.check()
+        if hasattr(dm, "view_seed"):
+            dm.view_seed = int(self.cfg.seed)  # seeded views (data.seeded_views, the teacher cache) follow the seed
+        return self.build(dm)
+
+    def build(self, dm: Any) -> Built:  # pragma: no cover - abstract
+        """The LightningModule of this run, built from the config and the (set-up) datamodule."""
+        raise NotImplementedError
+
+    def unread_sections(self) -> tuple[str, ...]:
+        """Config sections this task does not read: they are left out of the run's identity (kdx.train)."""
+        other = "student" if self.options.network == "teacher" else "teacher"
+        return ("distill", other)
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make `cls` the task of `task=<cls.name>`."""
+    if not cls.name or not dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        raise ValueError(f"{cls.__name__} needs a `name` and an `Options` dataclass")
+    if cls.name in _TASKS and _TASKS[cls.name] is not cls:
+        raise ValueError(f"task name {cls.name!r} is already registered by {_TASKS[cls.name].__name__}")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def available_tasks() -> list[str]:
+    """Registered task names, sorted."""
+    return sorted(_TASKS)
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task registered as `name`, or one named by import path (`my_pkg.tasks:MyTask`); else a ConfigError."""
+    if name in _TASKS:
+        return _TASKS[name]
+    if isinstance(name, str) and (":" in name or "." in name):
+        module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError as e:
+            raise ConfigError(f"task.name={name!r}: module {module_name!r} cannot be imported ({e})") from None
+        if isinstance(found, type) and issubclass(found, Task):
+            return found
+        raise ConfigError(f"task.name={name!r}: {module_name} has no Task subclass named {attr!r}")
+    close = difflib.get_close_matches(str(name), list(_TASKS), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(f"task.name must be one of {', '.join(available_tasks())}, got {name!r}{hint}")
+
+
+def task_for(cfg: DictConfig) -> Task:
+    """The Task of a composed config (its `task.*` keys checked)."""
+    return task_class(cfg.task.name)(cfg)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def example_images(dm: Any, n: int = 2) -> torch.Tensor:
+    """The first `n` training images, stacked (a probe batch for sizing distillers' connectors)."""
+    return torch.stack([dm.train_set[i][0] for i in range(min(n, len(dm.train_set)))])

@@ -1,0 +1,64 @@
+"""task=distill: the student learns from the labels and from a frozen teacher (the methods of `distill`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdx.configs import to_dict
+from kdx.distill import build_distiller_set, enable_sample_indices
+from kdx.errors import ConfigError
+from kdx.lit import DistillationModule
+from kdx.lit.distill import apply_teacher_cache
+from kdx.schemas import choice
+from kdx.tasks.base import Built, count_parameters, example_images, register_task
+from kdx.tasks.supervised import ClassifierOptions, SupervisedTask, build_network, model_spec
+
+HOST_KEYS = ("alpha", "save_teacher", "teacher_cache")  # `distill.*` keys the host module reads
+
+
+@dataclass
+class DistillOptions(ClassifierOptions):
+    """`task.*` of classification distillation (the methods' own keys are under `distill`)."""
+
+    name: str = "distill"
+    network: str = choice("student", "teacher", "student")
+
+
+def split_host_keys(distill: dict) -> tuple[dict, dict]:
+    """(the host's keys: alpha, save_teacher, teacher_cache; the methods' section) of a `distill` section."""
+    distill = dict(distill)
+    return {k: distill.pop(k) for k in HOST_KEYS if k in distill}, distill
+
+
+@register_task
+class DistillTask(SupervisedTask):
+    """DistillationModule: (1 - alpha) * CE + alpha * sum of weighted distillers, from a frozen teacher."""
+
+    name = "distill"
+    Options = DistillOptions
+    distills = True
+    learns_from_unlabeled = True
+
+    def check(self) -> None:
+        teacher = model_spec(self.cfg, "teacher")
+        if not teacher.ckpt and not teacher.pretrained:
+            raise ConfigError("distillation needs a trained teacher: set teacher.ckpt=PATH (a kdx-train checkpoint) "
+                              "or teacher.pretrained=true")
+
+    def unread_sections(self) -> tuple[str, ...]:
+        return ()
+
+    def build(self, dm) -> Built:
+        host, methods = split_host_keys(to_dict(self.cfg.distill))
+        distillers = build_distiller_set(methods, task="classification")
+        enable_sample_indices(dm, distillers)
+        net, meta = self.trained_network(dm)
+        teacher_spec = model_spec(self.cfg, "teacher")
+        teacher, _ = build_network(teacher_spec, dm.num_classes, dm.in_chans)
+        module = DistillationModule(net, teacher, dm.num_classes, distill=distillers, alpha=host.get("alpha", 0.9),
+                                    save_teacher=bool(host.get("save_teacher", False)),
+                                    example_input=example_images(dm), num_samples=len(dm.train_set),
+                                    **self.classifier_kwargs(meta))
+        apply_teacher_cache(module, dm, to_dict(self.cfg.data), host.get("teacher_cache"), int(self.cfg.seed),
+                            self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher))
+        self.finish(module)
+        return Built(module, {"network": count_parameters(net), "teacher": count_parameters(teacher)})

@@ -1,0 +1,86 @@
+"""task=face_distill: a face student on its own margin loss plus the distillers of `distill`, from a frozen face
+teacher (teacher.onnx=PATH|sface, teacher.ckpt=PATH of a task=face run, or teacher.pretrained=WEIGHTS)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdx.configs import to_dict
+from kdx.distill import build_distiller_set, enable_sample_indices
+from kdx.distill.teachers import FaceTeacher, build_face_teacher
+from kdx.errors import ConfigError, KdxError
+from kdx.lit import FaceDistillationModule
+from kdx.lit.distill import apply_teacher_cache
+from kdx.models.onnx_teacher import onnx_parameter_count
+from kdx.schemas import ModelSpec
+from kdx.tasks.base import Built, count_parameters, register_task
+from kdx.tasks.distill import split_host_keys
+from kdx.tasks.face import FaceOptions, FaceTask
+from kdx.tasks.supervised import model_spec
+
+
+@dataclass
+class FaceDistillOptions(FaceOptions):
+    """`task.*` of face distillation (the methods' own keys are under `distill`)."""
+
+    name: str = "face_distill"
+
+
+def probe_teacher(teacher: FaceTeacher, dm, spec: ModelSpec) -> torch.Tensor:
+    """Run the teacher once on two images of the data (returned): a shape it cannot take is a ConfigError now."""
+    dataset = dm.val_set if getattr(dm, "val_set", None) is not None else dm.train_set
+    x = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
+    try:
+        with torch.no_grad():
+            out = teacher(x)
+    except KdxError as e:
+        raise ConfigError(f"teacher {teacher.source} cannot take this data ({e})") from None
+    except Exception as e:  # onnxruntime / torch shape errors
+        where = "teacher.onnx" if spec.onnx else "teacher"
+        raise ConfigError(f"{where} {teacher.source} fails on the data's {tuple(x.shape[1:])} images "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); set teacher.preprocess.input_size "
+                          f"(and channel_order) to the input the model was exported for") from None
+    emb = out["embedding"]
+    if emb.ndim != 2 or emb.shape[0] != x.shape[0]:
+        raise ConfigError(f"teacher {teacher.source} returns shape {tuple(emb.shape)} for a batch of {x.shape[0]}; "
+                          "an embedding teacher must return B x D")
+    return x
+
+
+@register_task
+class FaceDistillTask(FaceTask):
+    """FaceDistillationModule: alpha * sum(weight * method loss) + (1 - alpha) * margin loss."""
+
+    name = "face_distill"
+    Options = FaceDistillOptions
+    distills = True
+
+    def check(self) -> None:
+        super().check()
+        teacher = model_spec(self.cfg, "teacher")
+        if not teacher.ckpt and not teacher.pretrained and not teacher.onnx:
+            raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding "
+                              "model), teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")
+
+    def unread_sections(self) -> tuple[str, ...]:
+        return ()
+
+    def build(self, dm) -> Built:
+        net, meta = self.face_network(dm)
+        host, methods = split_host_keys(to_dict(self.cfg.distill))
+        distillers = build_distiller_set(methods, task="face")
+        enable_sample_indices(dm, distillers)
+        spec = model_spec(self.cfg, "teacher")
+        teacher = build_face_teacher(vars(spec), data_mean=getattr(dm, "mean", 0.5), data_std=getattr(dm, "std", 0.5))
+        example = probe_teacher(teacher, dm, spec)
+        shared = bool(teacher.class_names) and teacher.class_names == list(getattr(dm, "class_names", []) or [])
+        module = FaceDistillationModule(
+            net, teacher, dm.num_classes, distill=distillers, alpha=host.get("alpha", 0.5),
+            save_teacher=bool(host.get("save_teacher", False)), shared_identities=shared, example_input=example,
+            num_samples=len(dm.train_set), **self.face_kwargs(meta))
+        apply_teacher_cache(module, dm, to_dict(self.cfg.data), host.get("teacher_cache"), int(self.cfg.seed),
+                            self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher),
+                            teacher_file=str(teacher.net.path) if teacher.is_onnx else None)
+        t_params = onnx_parameter_count(teacher.net.path) if teacher.is_onnx else count_parameters(teacher)
+        return Built(module, {"network": count_parameters(net), "teacher": t_params})
