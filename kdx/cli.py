@@ -178,6 +178,9 @@ def _run_hydra_main(main, config_name: str) -> None:
         hint = f"; re-run it with the same command plus resume={sweep} (finished jobs are skipped)" if sweep else ""
         print(f"kdx: interrupted{hint}", file=sys.stderr, flush=True)
         sys.exit(130)
+    except BrokenPipeError:  # `kdx-train --help | head`: the reader left; stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        sys.exit(0)
     except Exception as e:
         if getattr(e, "_kdx_after_composition", False) or not isinstance(e, (HydraException, OmegaConfBaseException)):
             raise

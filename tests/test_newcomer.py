@@ -356,6 +356,15 @@ def test_kdx_train_and_pipeline_help_speak_of_kdx(tmp_path):
     assert pipe.returncode == 0 and pipe.stdout.startswith("kdx-pipeline: every stage of a pipeline experiment")
 
 
+def test_help_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    # `kdx-train --help | head -1`: the reader is gone before the help is written
+    proc = subprocess.Popen([Path(sys.executable).parent / "kdx-train", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]
+
+
 def _models(*args: str, tmp_path: Path):
     return subprocess.run([sys.executable, "-m", "kdx.models", *args], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
