@@ -1,6 +1,7 @@
 """The distiller machinery: registry, config sections, layer taps on kdx/torchvision/timm nets, errors, hosts."""
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -227,3 +228,74 @@ def test_method_needing_sample_indices_on_a_datamodule_without_them_says_so():
     x, y, idx = next(iter(dm.train_dataloader()))
     assert idx.shape == y.shape and len(set(idx.tolist())) == len(idx)
     assert torch.equal(dm.train_set[int(idx[0])][0], x[0])
+
+
+def test_a_host_missing_an_output_is_named_with_the_reason():
+    from kdx.distill import build_distiller_set
+    methods = build_distiller_set({"method": "kd", "mix": {"crd": {}}})
+    with pytest.raises(ConfigError, match=r"^distillation method 'crd' needs embedding, indices, but my host gives no "
+                                          r"embedding; my host gives no indices$"):
+        methods.check_support({"logits"}, "my host")
+    with pytest.raises(ConfigError, match=r"needs embedding, indices, but the teacher has no head; my host gives no "
+                                          r"indices$"):
+        methods.check_support({"logits"}, "my host", why={"embedding": "the teacher has no head"})
+    methods.check_support({"logits", "embedding", "indices"}, "my host")
+
+
+INF = float("inf")
+# method, parameter, values accepted (parameter value -> attribute value), values refused, the message's start
+BOUNDS = [
+    ("at", "p", {0.5: 0.5, 2: 2.0}, [0, -1.0, True, INF, "2"], "distill.p must be a power > 0"),
+    ("crd", "feat_dim", {1: 1, 64: 64}, [0, True, 1.5], "distill.feat_dim must be a whole number >= 1"),
+    ("crd", "nce_k", {1: 1}, [0, False, 2.0], "distill.nce_k must be a whole number >= 1"),
+    ("crd", "nce_t", {0.01: 0.01}, [0, True, INF, -0.1], "distill.nce_t must be a temperature > 0"),
+    ("crd", "nce_momentum", {0: 0.0, 1: 1.0, 0.5: 0.5}, [True, -0.1, 1.01], "distill.nce_momentum must be a number"),
+    ("reviewkd", "mid_channels", {1: 1, None: None}, [0, True, 1.5], "distill.mid_channels must be a whole number"),
+    ("reviewkd", "warmup_epochs", {0: 0.0, 2.5: 2.5}, [-1, True, INF], "distill.warmup_epochs must be a number >= 0"),
+    ("rkd", "distance_weight", {0: 0.0, 0.5: 0.5}, [-1.0, True, INF, "1"], "distill.distance_weight must be a finite"),
+    ("rkd", "angle_weight", {0: 0.0, 0.25: 0.25}, [-0.5, False, INF], "distill.angle_weight must be a finite"),
+    ("vid", "eps", {1e-9: 1e-9}, [0, True, -1e-5, INF], "distill.eps must be a number > 0"),
+    ("vid", "mid_ratio", {0.25: 0.25}, [0, True, INF], "distill.mid_ratio must be a number > 0 (the reference uses 1)"),
+]
+
+
+@pytest.mark.parametrize("method, key, good, bad, message", BOUNDS, ids=[f"{m}.{k}" for m, k, *_ in BOUNDS])
+def test_method_settings_at_their_bounds(method, key, good, bad, message):
+    for value, stored in good.items():
+        assert getattr(build_distiller(method, {key: value}), key) == stored
+    for value in bad:
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            build_distiller(method, {key: value})
+
+
+def test_method_defaults_are_the_papers():
+    assert build_distiller("at").p == 2.0
+    assert build_distiller("reviewkd").warmup_epochs == 0.0
+    d = build_distiller("adadistill")
+    assert (d.margin_type, d.margin, d.scale) == ("arcface", 0.45, 64.0)
+
+
+@pytest.mark.parametrize("name", ["fitnet", "crd", "vid", "reviewkd"])
+def test_a_method_with_trainable_parts_refuses_to_run_before_setup(name):
+    with pytest.raises(RuntimeError, match=r"\.setup\(\) has not been called"):
+        build_distiller(name)({})
+
+
+def test_a_zero_weight_entry_is_left_out_and_the_rest_is_built():
+    from kdx.distill import build_distiller_set
+    built = build_distiller_set({"method": "kd", "weight": 0, "mix": {"dkd": 1.0, "mse": 0.5}})
+    assert list(built.methods) == ["dkd", "mse"] and built.weights == {"dkd": 1.0, "mse": 0.5}
+
+
+def test_distill_section_errors_name_the_key():
+    from kdx.distill import build_distiller_set
+    with pytest.raises(ConfigError, match=r"^distill.temperature is set but distill.method is empty"):
+        build_distiller_set({"method": None, "temperature": 4.0, "alpha": 0.5})
+    build_distiller_set({"method": None, "alpha": 0.5, "mix": {"kd": 1.0}})  # host keys alone are fine
+    with pytest.raises(ConfigError, match=r"^distill.mix.nosuch='nosuch' is not a known distillation method"):
+        build_distiller_set({"method": "kd", "mix": {"nosuch": 1.0}})
+    for weight in (True, "1", float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=r"^distill.mix.dkd.weight must be a finite number"):
+            build_distiller_set({"method": "kd", "mix": {"dkd": {"weight": weight}}})
+    with pytest.raises(ConfigError, match=r"^distill.weight must be a finite number"):
+        build_distiller_set({"method": "kd", "weight": True})

@@ -210,6 +210,9 @@ def test_centre_margin_loss_matches_the_formula(kind, margin):
     updated, _ = _update_by_hand(c.double().numpy(), s.double().numpy(), t.double().numpy(), y.numpy())
     full = _margin_loss_by_hand(s.double().numpy(), updated, y.numpy(), margin, 30.0, kind)
     assert adadistill_loss(s, t, y, c, margin, 30.0, kind).item() == pytest.approx(full, rel=1e-5)
+    if kind == "arcface":  # the paper's defaults: ArcFace, margin 0.45, scale 64
+        full = _margin_loss_by_hand(s.double().numpy(), updated, y.numpy(), 0.45, 64.0, "arcface")
+        assert adadistill_loss(s, t, y, c).item() == pytest.approx(full, rel=1e-5)
 
 
 def test_centre_margin_logits_by_hand_and_finite_gradients_at_the_centre():
@@ -220,6 +223,16 @@ def test_centre_margin_logits_by_hand_and_finite_gradients_at_the_centre():
     on_centre = torch.tensor([[5.0, 0.0]], requires_grad=True)
     centre_margin_loss(on_centre, c, torch.tensor([0])).backward()
     assert torch.isfinite(on_centre.grad).all()
+    # cos exactly +1 and -1 with a scale small enough that the target's gradient is far from 0
+    for x in ([[5.0, 0.0]], [[-5.0, 0.0]]):
+        x = torch.tensor(x, requires_grad=True)
+        centre_margin_loss(x, c, torch.tensor([0]), margin=0.5, scale=1.0).backward()
+        assert torch.isfinite(x.grad).all()
+    # the paper's defaults: ArcFace, margin 0.45, scale 64
+    ref = centre_margin_logits(s, c, torch.tensor([0]), 0.45, 64.0, "arcface")
+    assert torch.equal(centre_margin_logits(s, c, torch.tensor([0])), ref)
+    assert centre_margin_loss(s, c, torch.tensor([0])).item() == \
+        torch.nn.functional.cross_entropy(ref, torch.tensor([0])).item()
 
 
 def test_adadistill_distiller_updates_buffer_centres_in_training_only():
@@ -326,3 +339,106 @@ def test_face_distillers_on_kdx_networks_train_the_student_and_their_parts():
         opt.step()
         totals.append(total.item())
     assert totals[-1] < 0.7 * totals[0], totals
+
+
+def test_adadistill_cosface_reaches_the_loss_and_setup_comes_first():
+    s, t, c, y = _ada_inputs(9)
+    d = build_distiller("adadistill", {"margin_type": "cosface", "margin": 0.35, "scale": 16.0})
+    with pytest.raises(RuntimeError, match=r"AdaDistill.setup\(\) has not been called"):
+        d({"student_embedding": s, "teacher_embedding": t, "labels": y})
+    d.setup(_probe(s, t, num_classes=5))
+    d.centres.copy_(c)
+    d.eval()
+    got = d({"student_embedding": s, "teacher_embedding": t, "labels": y})["adadistill"].item()
+    assert got == pytest.approx(centre_margin_loss(s, c, y, 0.35, 16.0, "cosface").item(), rel=1e-6)
+    assert got != pytest.approx(centre_margin_loss(s, c, y, 0.35, 16.0, "arcface").item(), rel=1e-3)
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One DDP rank: gather a rank-sized block (rank r holds 3 - r rows of value 10 r + row) and save it."""
+    import torch.distributed as dist
+
+    from kdx.distill.methods.adadistill import _gather
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        x = (10.0 * rank + torch.arange(3 - rank, dtype=torch.float32))[:, None].repeat(1, 2).requires_grad_(True)
+        torch.save(_gather(x * 1.0), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_adadistill_gathers_every_ranks_samples_in_rank_order_with_gloo(tmp_path, world):
+    """Real gloo process groups (one and two ranks) with uneven per-rank batches."""
+    import torch.multiprocessing as mp
+
+    from kdx.distill.methods.adadistill import _gather
+    alone = torch.ones(2, 3, requires_grad=True)
+    assert torch.equal(_gather(alone), alone) and not _gather(alone).requires_grad  # outside DDP: itself, detached
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_gather_worker, args=(world, init, str(tmp_path / "out")), nprocs=world, join=True)
+    want = torch.tensor([0.0, 1.0, 2.0, 10.0, 11.0])[: 3 if world == 1 else 5][:, None].repeat(1, 2)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert torch.equal(got, want) and not got.requires_grad
+
+
+def test_adadistill_update_checks_each_input_and_handles_more_identities_than_dimensions():
+    g = torch.Generator().manual_seed(4)
+    c = torch.randn(9, 3, generator=g)  # 9 identities of a 3-d embedding
+    s, t = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    y = torch.tensor([8, 2, 8, -1])
+    new = adadistill_update(c, s, t, y)
+    assert torch.equal(new[[0, 1, 3, 4, 5, 6, 7]], c[[0, 1, 3, 4, 5, 6, 7]]) and not torch.equal(new[8], c[8])
+    one = adadistill_update(c, s[2:3], t[2:3], y[2:3])  # identity 8 seen twice: the last sample's update wins
+    assert torch.equal(new[8], one[8])
+    with pytest.raises(ConfigError, match=r"centres' size 3, got \(4, 3\) and \(4, 2\)"):
+        adadistill_update(c, s, t[:, :2], y)
+    with pytest.raises(ConfigError, match=r"centres' size 3, got \(4, 2\)"):
+        adadistill_update(c, s[:, :2], t[:, :2], y)
+    with pytest.raises(ConfigError, match=r"centres' size 3, got \(4, 3, 1\)"):
+        adadistill_update(c, s[..., None], t[..., None], y)
+    with pytest.raises(ConfigError, match="label 9 is outside the 9 class centres"):
+        adadistill_update(c, s, t, torch.tensor([9, 0, 0, 0]))
+
+
+def test_adadistill_setup_sizes_and_initialises_the_centres():
+    s, t, _, _ = _ada_inputs(3)
+    torch.manual_seed(0)
+    d = build_distiller("adadistill", {})
+    d.setup(_probe(s, t, num_classes=1))  # a single identity is allowed
+    assert d.centres.shape == (1, t.shape[1])
+    y = torch.zeros(9, dtype=torch.long)
+    d.eval()
+    assert d({"student_embedding": s, "teacher_embedding": t, "labels": y})["adadistill"].item() == pytest.approx(
+        centre_margin_loss(s, d.centres, y, 0.45, 64.0, "arcface").item(), rel=1e-6)  # the paper's defaults
+    d.setup(_probe(s, torch.randn(9, 400), num_classes=50))
+    assert abs(d.centres.std().item() - 0.01) < 0.001 and abs(d.centres.mean().item()) < 0.001  # N(0, 0.01^2)
+    for bad in (0, True, 2.0, None):
+        with pytest.raises(ConfigError, match="needs the number of training identities"):
+            build_distiller("adadistill", {}).setup(_probe(s, t, num_classes=bad))
+
+
+def test_emb_mse_defaults_to_raw_embeddings_and_works_without_setup_on_equal_sizes():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(5, 4, generator=g) * 3, torch.randn(5, 4, generator=g)
+    d = build_distiller("emb_mse")  # no setup: equal sizes need no projection
+    assert d({"student_embedding": s, "teacher_embedding": t})["emb_mse"].item() == \
+        pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)
+
+
+def test_adadistill_a_student_opposing_its_teacher_gets_the_smallest_weight():
+    """cos(s, t) = -1: the weight is clamped up to 1e-6, so the centre jumps (almost) to the teacher's direction
+    instead of moving away from it (a negative weight)."""
+    c = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    t = torch.tensor([[0.0, 2.0]])
+    new = adadistill_update(c, -t, t, torch.tensor([0]))
+    assert new[0].tolist() == pytest.approx([1e-6 * 0.6, 1e-6 * 0.8 + (1 - 1e-6) * 1.0], abs=1e-7)
+
+
+def test_emb_cos_works_without_setup_on_equal_sizes():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g) * 2
+    want = (1 - torch.nn.functional.cosine_similarity(s, t, dim=1)).mean().item()
+    assert build_distiller("emb_cos")({"student_embedding": s, "teacher_embedding": t})["emb_cos"].item() == \
+        pytest.approx(want, rel=1e-6)

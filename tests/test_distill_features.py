@@ -146,8 +146,35 @@ def test_vid_loss_matches_the_gaussian_nll():
     assert torch.isfinite(tiny) and tiny.item() > 1e8
     with pytest.raises(ConfigError, match="4 variances for teacher features with 3 channels"):
         vid_loss(mu, torch.ones(4), t)
-    with pytest.raises(ConfigError, match=r"\(2, 3, 4, 5\).*\(2, 3, 2, 5\)"):
+    with pytest.raises(ConfigError, match=r"^vid: student features of shape \(2, 3, 4, 5\) and teacher features of "
+                                          r"shape \(2, 3, 2, 5\) differ; regress and pool the student to the teacher's "
+                                          r"shape first$"):
         vid_loss(mu, var, t[:, :, :2])
+    # B x C features (pooled) and even flat ones: one variance per channel / per element
+    mu2, t2 = mu.mean((2, 3)), t.mean((2, 3))
+    assert vid_loss(mu2, var, t2).item() == pytest.approx(
+        ref_vid(mu2[..., None, None].numpy(), var.numpy(), t2[..., None, None].numpy()), abs=1e-9)
+    flat_var = torch.tensor([0.5, 1.5, 4.0], dtype=torch.float64)
+    want = (0.5 * ((mu2[0] - t2[0]) ** 2 / flat_var + flat_var.log())).mean().item()
+    assert vid_loss(mu2[0], flat_var, t2[0]).item() == pytest.approx(want, abs=1e-12)
+
+
+def test_vid_method_refuses_to_run_before_setup():
+    with pytest.raises(RuntimeError, match=r"VID.setup\(\) has not been called"):
+        build_distiller("vid")({})
+    teacher, student = nets()
+    d = build_distiller("vid")
+    d.bind(student, teacher)
+    with pytest.raises(RuntimeError, match=r"VID.setup\(\) has not been called"):
+        d({})
+
+
+def test_attention_uses_the_papers_p_2_by_default():
+    f, g = rand(2, 3, 4, 4, seed=1, shift=-0.5), rand(2, 5, 4, 4, seed=2)
+    assert torch.equal(attention_map(f), attention_map(f, 2))
+    assert not torch.allclose(attention_map(f), attention_map(f, 3))
+    assert attention_transfer_loss(f, g).item() == attention_transfer_loss(f, g, 2).item()
+    assert attention_transfer_loss(f, g).item() != pytest.approx(attention_transfer_loss(f, g, 3).item(), rel=1e-4)
 
 
 # ---------------------------------------------------------------- ReviewKD's HCL
@@ -342,6 +369,13 @@ def test_vid_starts_at_the_initial_variance_and_matches_the_nll():
     for scale in d.log_scales:
         assert torch.allclose(F.softplus(scale) + 1e-4, torch.full_like(scale, 3.0), atol=1e-6)
     assert [r[0].out_channels for r in d.regressors] == [16, 32]  # half of the teacher's 32 and 64 channels
+    # the reference's regressor: 1x1 conv, ReLU, 1x1 conv, ReLU, 1x1 conv, no biases
+    assert [type(m).__name__ for m in d.regressors[0]] == ["Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d"]
+    assert all(m.bias is None for r in d.regressors for m in r if isinstance(m, torch.nn.Conv2d))
+    tiny = build_distiller("vid", {"mid_ratio": 0.01})
+    tiny.bind(student, teacher)
+    tiny.setup(batch(x[:2]))
+    assert [r[0].out_channels for r in tiny.regressors] == [1, 1]  # at least one channel
     b = batch(x)
     want = 0.0
     for (sp, tp), reg in zip(zip(d.student_layers(), d.teacher_layers()), d.regressors):
@@ -389,3 +423,130 @@ def test_presets_compose_with_the_reference_weights():
     for name in want:
         with pytest.raises(ConfigError, match="for classification tasks, not face"):
             build_distiller_set({"method": name}, task="face")
+
+
+STAGE_METHODS = [("fitnet", "distill.student_layer", "distill.teacher_layer", False),
+                 ("sp", "distill.student_layer", "distill.teacher_layer", False),
+                 ("at", "distill.student_layers", "distill.teacher_layers", True),
+                 ("vid", "distill.student_layers", "distill.teacher_layers", True),
+                 ("reviewkd", "distill.student_layers", "distill.teacher_layers", True)]
+
+
+@pytest.mark.parametrize("name, s_key, t_key, plural", STAGE_METHODS)
+def test_a_network_without_stages_names_the_key_and_the_side_to_set(name, s_key, t_key, plural):
+    staged = build_model("resnet8", 10, in_chans=1)
+    bare = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    with pytest.raises(ConfigError, match=rf"Sequential declares no feature stages; set {s_key}=\[PATH, ...\] "
+                                          rf"to the student layers"):
+        build_distiller(name).bind(bare, staged)
+    with pytest.raises(ConfigError, match=rf"Sequential declares no feature stages; set {t_key}=\[PATH, ...\] "
+                                          rf"to the teacher layers"):
+        build_distiller(name).bind(staged, bare)
+    with pytest.raises(ConfigError, match=rf"^distill.method={name} reads (a )?teacher feature maps?, but this teacher has "
+                                          rf"no inspectable layers"):
+        build_distiller(name).bind(staged, None)
+    unbound = build_distiller(name)
+    assert unbound.student_layers() == [] and unbound.teacher_layers() == []
+
+
+@pytest.mark.parametrize("name, s_key, t_key, plural", STAGE_METHODS)
+def test_given_layers_replace_the_declared_stages(name, s_key, t_key, plural):
+    student, teacher = build_model("resnet8", 10, in_chans=1), build_model("resnet20", 10, in_chans=1)
+    given = (["layer1", "layer2"], ["layer2", "layer3"]) if plural else ("layer1", "layer2")
+    d = build_distiller(name, dict(zip([s_key.split(".")[1], t_key.split(".")[1]], given)))
+    d.bind(student, teacher)
+    assert d.student_layers() == (given[0] if plural else [given[0]])
+    assert d.teacher_layers() == (given[1] if plural else [given[1]])
+    d = build_distiller(name)
+    d.bind(student, teacher)  # default: from the declared stages (FitNet: the middle one, as its reference)
+    assert set(d.student_layers() + d.teacher_layers()) <= {"layer1", "layer2", "layer3"}
+    assert d.student_layers() != (given[0] if plural else [given[0]])
+
+
+def test_reviewkd_on_a_hand_made_batch_of_three_levels():
+    """Levels of distinct widths, a student embedding wider than 512: mid = 512 (the reference's cap), read from
+    the embedding; the loss equals HCL of the ABF chain run by hand, deepest level first."""
+    g = torch.Generator().manual_seed(6)
+    s_feats = {"a": torch.randn(2, 8, 8, 8, generator=g), "b": torch.randn(2, 24, 4, 4, generator=g)}
+    t_feats = {"A": torch.randn(2, 6, 8, 8, generator=g), "B": torch.randn(2, 10, 2, 2, generator=g)}
+    batch = {"student_features": s_feats, "teacher_features": t_feats,
+             "student_embedding": torch.randn(2, 600, generator=g), "teacher_embedding": torch.randn(2, 12, generator=g)}
+    d = build_distiller("reviewkd", {"student_layers": ["a", "b"], "teacher_layers": ["A", "B"]})
+    d.bind(torch.nn.Identity(), torch.nn.Identity())
+    with pytest.raises(RuntimeError, match=r"ReviewKD.setup\(\) has not been called"):
+        d(batch)
+    d.setup(batch)
+    assert [(a.conv1[0].in_channels, a.conv1[0].out_channels, a.conv2[0].out_channels) for a in d.abfs] == \
+        [(8, 512, 6), (24, 512, 10), (600, 512, 12)]
+    d.eval()
+    s_maps = [s_feats["a"], s_feats["b"], batch["student_embedding"][:, :, None, None]]
+    t_maps = [t_feats["A"], t_feats["B"], batch["teacher_embedding"][:, :, None, None]]
+    outs, residual = [None] * 3, None
+    for i in (2, 1, 0):
+        outs[i], residual = d.abfs[i](s_maps[i], residual, tuple(t_maps[i].shape[2:]))
+    assert [tuple(o.shape) for o in outs] == [(2, 6, 8, 8), (2, 10, 2, 2), (2, 12, 1, 1)]
+    assert d(batch)["reviewkd"].item() == pytest.approx(hcl_loss(outs, t_maps).item(), rel=1e-6)
+
+
+def test_hcl_levels_follow_the_height_of_non_square_maps_and_shapes_must_match():
+    s = [rand(2, 3, 3, 8, seed=12), rand(2, 4, 6, 2, seed=13, scale=2.0)]
+    t = [rand(2, 3, 3, 8, seed=14, shift=0.5), rand(2, 4, 6, 2, seed=15)]
+    assert hcl_loss(s, t).item() == pytest.approx(ref_hcl([x.numpy() for x in s], [x.numpy() for x in t]), rel=1e-9)
+    with pytest.raises(ConfigError, match=r"^reviewkd: student features of shape \(2, 3, 3, 8\) and teacher features "
+                                          r"of shape \(2, 3, 8, 3\) differ; the fusion modules must produce the "
+                                          r"teacher's shape$"):
+        hcl_loss([s[0]], [t[0].transpose(2, 3)])
+
+
+def test_abf_convolutions_start_as_the_reference_initialises_them():
+    """kaiming_uniform with a = 1, as the ReviewKD code: weights uniform in +-sqrt(3 / fan_in), no conv biases."""
+    torch.manual_seed(0)
+    abf = ABF(64, 32, 16, fuse=True)
+    for conv, fan_in in ((abf.conv1[0], 64), (abf.conv2[0], 32 * 9)):
+        bound = math.sqrt(3.0 / fan_in)
+        assert conv.bias is None
+        assert bound * 0.97 < conv.weight.abs().max().item() <= bound
+
+
+def test_fitnet_spatial_pool_pools_the_larger_map():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 5, 4, 4, generator=g)
+    batch = {"student_features": {"s": s}, "teacher_features": {"t": t}}
+    d = build_distiller("fitnet", {"student_layer": "s", "teacher_layer": "t", "spatial": "pool"})
+    d.bind(torch.nn.Identity(), torch.nn.Identity())
+    d.setup(batch)
+    want = F.mse_loss(d.connector(F.adaptive_avg_pool2d(s, 4)), t)
+    assert d(batch)["fitnet"].item() == pytest.approx(want.item(), rel=1e-6)
+    strict = build_distiller("fitnet", {"student_layer": "s", "teacher_layer": "t"})
+    strict.bind(torch.nn.Identity(), torch.nn.Identity())
+    with pytest.raises(ConfigError, match="set distill.spatial=pool"):
+        strict.setup(batch)
+
+
+@pytest.mark.parametrize("name", ["fitnet", "vid", "reviewkd"])
+def test_trainable_parts_are_built_on_the_probe_device(name):
+    """Connectors, regressors and variances are made where the probe's features are (here the meta device, which
+    stands in for a GPU: a part left on the CPU would show)."""
+    meta = torch.device("meta")
+    s_feats = {"a": torch.empty(2, 4, 8, 8, device=meta), "b": torch.empty(2, 8, 4, 4, device=meta)}
+    t_feats = {"A": torch.empty(2, 6, 8, 8, device=meta), "B": torch.empty(2, 10, 4, 4, device=meta)}
+    probe = {"student_features": s_feats, "teacher_features": t_feats,
+             "student_embedding": torch.empty(2, 8, device=meta), "teacher_embedding": torch.empty(2, 10, device=meta)}
+    params = {"fitnet": {"student_layer": "b", "teacher_layer": "B"}}.get(
+        name, {"student_layers": ["a", "b"], "teacher_layers": ["A", "B"]})
+    d = build_distiller(name, params)
+    d.bind(torch.nn.Identity(), torch.nn.Identity())
+    d.setup(probe)
+    tensors = list(d.parameters()) + list(d.buffers())
+    assert tensors and all(t.device == meta for t in tensors)
+
+
+def test_pool_to_smaller_takes_each_dimension_separately_and_fitnet_names_a_shape_gap():
+    s, t = rand(2, 3, 8, 4, seed=20), rand(2, 5, 6, 6, seed=21)
+    ps, pt = pool_to_smaller(s, t)
+    assert ps.shape == (2, 3, 6, 4) and pt.shape == (2, 5, 6, 4)
+    np.testing.assert_allclose(ps.numpy(), ref_adaptive_pool(s.numpy(), (6, 4)), rtol=1e-12)
+    np.testing.assert_allclose(pt.numpy(), ref_adaptive_pool(t.numpy(), (6, 4)), rtol=1e-12)
+    with pytest.raises(ConfigError, match=r"^fitnet: student features of shape \(2, 3, 8, 4\) and teacher features "
+                                          r"of shape \(2, 5, 6, 6\) differ; regress the student to the teacher's shape"):
+        fitnet_loss(s, t)

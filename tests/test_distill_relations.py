@@ -362,3 +362,142 @@ def test_presets_compose_with_the_reference_weights():
         build_distiller_set({"method": "sp"}, task="face")
     with pytest.raises(ConfigError, match="distill.angle_weight must be a finite number >= 0"):
         build_distiller("rkd", {"angle_weight": -1})
+
+
+def test_relation_methods_return_their_weighted_paper_losses(embeddings):
+    """rkd/pkt/sp built by name: each term equals the loop reference times its configured weight."""
+    s, t = embeddings
+    ref_d, ref_a = ref_rkd(s.double().numpy(), t.double().numpy())
+    out = build_distiller("rkd", {"distance_weight": 3.0, "angle_weight": 7.0})(
+        {"student_embedding": s, "teacher_embedding": t})
+    assert out["rkd_distance"].item() == pytest.approx(3.0 * ref_d, rel=1e-5)
+    assert out["rkd_angle"].item() == pytest.approx(7.0 * ref_a, rel=1e-5)
+    out = build_distiller("pkt")({"student_embedding": s, "teacher_embedding": t})
+    assert out["pkt"].item() == pytest.approx(ref_pkt(s.double().numpy(), t.double().numpy(), 1e-7), rel=1e-4)
+    g = torch.Generator().manual_seed(8)
+    fs, ft = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 6, 2, 2, generator=g) * 3
+    d = build_distiller("sp", {"student_layer": "a", "teacher_layer": "b"})
+    d.bind(torch.nn.Identity(), torch.nn.Identity())
+    out = d({"student_features": {"a": fs, "b": ft * 0}, "teacher_features": {"a": fs * 0, "b": ft}})
+    assert out["sp"].item() == pytest.approx(ref_sp(fs.double().numpy(), ft.double().numpy()), rel=1e-5)
+
+
+def test_rkd_matches_the_paper_on_embeddings_closer_than_one(embeddings):
+    """Distances under 1 (tiny embeddings): a clamp or a 'positive distance' cut at 1 instead of 0 would show."""
+    s, t = (e.double() * 0.01 for e in embeddings)
+    ref_d, ref_a = ref_rkd(s.numpy(), t.numpy())
+    assert rkd_distance_loss(s, t).item() == pytest.approx(ref_d, abs=1e-7, rel=1e-6)
+    assert rkd_angle_loss(s, t).item() == pytest.approx(ref_a, abs=1e-7, rel=1e-6)
+
+
+def test_pkt_with_eps_zero_treats_a_zero_row_as_orthogonal_to_all(embeddings):
+    s, t = embeddings
+    s = s.clone()
+    s[2] = 0.0
+    assert pkt_loss(s, t, eps=0.0).item() == pytest.approx(pkt_loss(s, t, eps=1e-30).item(), rel=1e-6)
+
+
+def test_crd_nce_loss_with_one_negative_and_a_one_sample_noise_set():
+    scores = torch.tensor([[0.6, 0.3], [0.05, 0.9]], dtype=torch.float64)
+    eps = 1e-7
+    for n in (1, 7):
+        m_pn = 1 / n
+        by_hand = -sum(math.log(p / (p + m_pn + eps)) + math.log(m_pn / (q + m_pn + eps)) for p, q in scores.tolist()) / 2
+        assert crd_nce_loss(scores, n).item() == pytest.approx(by_hand, rel=1e-12)
+    with pytest.raises(ConfigError, match="num_samples >= 1"):
+        crd_nce_loss(scores, 0)
+    with pytest.raises(ConfigError, match="B x \\(K\\+1\\) scores"):
+        crd_nce_loss(scores[0], 7)
+
+
+def test_crd_embed_head_is_a_unit_l2_projection_of_128_by_default():
+    from kdx.losses.contrastive import EmbedHead
+    head = EmbedHead(6)
+    assert head.linear.out_features == 128
+    x = torch.randn(4, 2, 3) * 5
+    y = head.linear(x.reshape(4, 6))
+    out = head(x)
+    assert torch.allclose(out, y / y.norm(dim=1, keepdim=True), atol=1e-6)
+    assert torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-6)
+
+
+def test_crd_setup_passes_its_settings_to_the_memory_and_accepts_two_samples():
+    probe = {"student_embedding": torch.randn(2, 5), "teacher_embedding": torch.randn(2, 3)}
+    g = torch.Generator().manual_seed(1)
+    d = build_distiller("crd", {"feat_dim": 4, "nce_k": 8, "nce_t": 0.3, "nce_momentum": 0.8})
+    d.setup(probe, num_samples=2, generator=g)
+    m = d.memory
+    assert (m.nce_k, m.temperature, m.momentum, m.num_samples, m.generator) == (1, 0.3, 0.8, 2, g)
+    with pytest.raises(ConfigError, match="at least 2 samples, got num_samples=1"):
+        d.setup(probe, num_samples=1)
+
+
+@pytest.mark.parametrize("indices", [[[0, 1]], [0, 1, 2], [-1, 1], [0, 10]])
+def test_crd_refuses_indices_that_are_not_one_per_image_inside_the_training_set(indices):
+    d = build_distiller("crd", {"feat_dim": 4, "nce_k": 3})
+    d.setup({"student_embedding": torch.randn(2, 5), "teacher_embedding": torch.randn(2, 3)}, num_samples=10)
+    with pytest.raises(ConfigError, match="the datamodule must yield each image's index in its train set"):
+        d({"student_embedding": torch.randn(2, 5), "teacher_embedding": torch.randn(2, 3),
+           "indices": torch.tensor(indices)})
+
+
+def test_contrast_memory_in_double_precision_scores_float32_embeddings_in_double():
+    mem = ContrastMemory(4, 12, 3).double()
+    v = F.normalize(torch.randn(2, 4), dim=1)
+    out_s, out_t = mem(v, v * -1, torch.tensor([1, 5]), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]))
+    assert out_s.dtype == out_t.dtype == torch.float64 and mem.memory_student.dtype == torch.float64
+
+
+def test_contrast_memory_defaults_bounds_and_smallest_training_set():
+    torch.manual_seed(0)
+    mem = ContrastMemory(300, 2, 1)  # two samples: the smallest set with a negative
+    assert (mem.temperature, mem.momentum) == (0.07, 0.5)  # the reference's defaults
+    bound = 1 / math.sqrt(300 / 3)
+    for bank in (mem.memory_student, mem.memory_teacher):
+        assert bound * 0.97 < bank.abs().max().item() <= bound  # uniform in [-bound, bound]
+
+
+def test_contrast_memory_in_half_precision_scores_in_float32():
+    mem = ContrastMemory(4, 12, 3).half()
+    v = F.normalize(torch.randn(2, 4), dim=1)
+    out_s, out_t = mem(v, v.flip(1), torch.tensor([1, 5]), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]))
+    assert out_s.dtype == out_t.dtype == torch.float32 and torch.isfinite(out_s).all() and torch.isfinite(out_t).all()
+
+
+def test_a_loaded_normaliser_below_one_is_kept():
+    """Z is recomputed only while unset (negative); a small loaded Z (a tiny training set) stays as it was."""
+    mem = ContrastMemory(4, 12, 3)
+    state = mem.state_dict()
+    state["z_student"], state["z_teacher"] = torch.tensor(0.25), torch.tensor(0.5)
+    mem.load_state_dict(state)
+    v = F.normalize(torch.randn(2, 4), dim=1)
+    mem(v, v, torch.tensor([1, 5]), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]))
+    assert (mem.z_student.item(), mem.z_teacher.item()) == (0.25, 0.5)
+
+
+def test_relation_losses_compute_in_the_wider_of_the_two_dtypes(embeddings):
+    """float32 student + float64 teacher: computed in float64 (to 1e-12 of the loops); float16 in float32."""
+    s, t = embeddings
+    ref_d, ref_a = ref_rkd(s.double().numpy(), t.double().numpy())
+    assert rkd_distance_loss(s.float(), t.double()).item() == pytest.approx(ref_d, rel=1e-12)
+    assert rkd_distance_loss(s.double(), t.float()).item() == pytest.approx(
+        ref_rkd(s.double().numpy(), t.float().double().numpy())[0], rel=1e-12)
+    # float64 stays float64: offset embeddings whose distances float32 would blur
+    far = s.double() + 1e4
+    assert rkd_distance_loss(far, t.double()).item() == pytest.approx(ref_rkd(far.numpy(), t.double().numpy())[0],
+                                                                      rel=1e-9)
+    half = rkd_loss(s.half(), t.half())
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(rkd_loss(s.half().float(), t.half().float()).item(), rel=1e-6)
+
+
+def test_relation_losses_batch_rules():
+    x, y = torch.randn(1, 4), torch.randn(1, 6)
+    assert pkt_loss(x, y).item() == pytest.approx(0.0, abs=1e-7)  # one sample: P(j | i) = 1 on both sides
+    assert torch.isfinite(sp_loss(x, y))
+    two = rkd_loss(torch.randn(2, 3), torch.randn(2, 5))  # the smallest batch with a pair
+    assert torch.isfinite(two)
+    with pytest.raises(ConfigError, match="must be batches of the same size"):
+        pkt_loss(torch.randn(3), torch.randn(3, 2))
+    with pytest.raises(ConfigError, match="must be batches of the same size"):
+        pkt_loss(torch.randn(3, 2), torch.randn(3))

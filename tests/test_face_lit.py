@@ -146,9 +146,11 @@ def test_face_training_step_returns_the_formula_of_student_and_teacher_outputs(f
     module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, distill=distill, alpha=0.7,
                                     optim=OPTIM, model_meta=_meta(dm=face_dm))
     module.eval()
-    module.log = lambda *a, **k: None
+    sizes = []
+    module.log = lambda *a, **k: sizes.append(k.get("batch_size"))
     x, y = next(iter(face_dm.train_dataloader()))
     loss = module.training_step((x, y), 0)
+    assert sizes and set(sizes) == {len(y)}
     with torch.no_grad():
         s, t = module.embed(x).double(), teacher(x)["embedding"].double()
         margin = F.cross_entropy(module.head(s.float(), y).double(), y)
@@ -247,3 +249,47 @@ def test_onnx_teacher_whose_input_the_data_cannot_meet(face_dm, tmp_path):
         build_face_teacher({"onnx": str(tmp_path / "fc.onnx"), "preprocess": {"size": 16}})
     with pytest.raises(ConfigError, match="both set"):
         build_face_teacher({"onnx": "sface", "ckpt": "x.ckpt"})
+
+
+def test_face_host_hands_the_labels_to_methods_that_read_them(face_dm):
+    """AdaDistill through the face host: the step's loss is the margin loss against the centres it just moved."""
+    from kdx.losses.face_margin import adadistill_update, centre_margin_loss
+
+    teacher = _torch_teacher(16)
+    module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, alpha=1.0, optim=OPTIM,
+                                    distill={"method": "adadistill", "scale": 16.0}, model_meta=_meta(dm=face_dm))
+    module.eval()
+    module.log = lambda *a, **k: None
+    x, y = next(iter(face_dm.train_dataloader()))
+    ada = module.distillers.methods["adadistill"]
+    ada.train()
+    before = ada.centres.clone()
+    loss = module.training_step((x, y), 0)
+    with torch.no_grad():
+        s, t = module.embed(x), teacher(x)["embedding"]
+        moved = adadistill_update(before, s, t, y)
+    assert torch.allclose(ada.centres, moved)
+    assert loss.item() == pytest.approx(centre_margin_loss(s, moved, y, 0.45, 16.0).item(), rel=1e-5)
+
+
+def test_face_module_logs_its_margin_loss_with_the_batch_size(face_dm):
+    module = FaceModule(_student(16), face_dm.num_classes, optim=OPTIM, model_meta=_meta(dm=face_dm))
+    sizes = []
+    module.log = lambda *a, **k: sizes.append(k.get("batch_size"))
+    x, y = next(iter(face_dm.train_dataloader()))
+    module.training_step((x[:7], y[:7]), 0)
+    assert sizes and set(sizes) == {7}
+
+
+def test_face_host_computes_logits_only_for_methods_that_read_them(face_dm):
+    """With tens of thousands of identities a head's logits are a large matmul: the host skips them unless a method
+    reads logits (logit_kd), and then takes both the student's and the teacher's."""
+    x, y = next(iter(face_dm.train_dataloader()))
+    head = build_margin_head(16, face_dm.num_classes)
+    for method, wants in (("emb_mse", False), ("logit_kd", True)):
+        module = FaceDistillationModule(_student(16), _torch_teacher(16, head, face_dm.class_names),
+                                        face_dm.num_classes, distill={"method": method}, shared_identities=True,
+                                        optim=OPTIM, model_meta=_meta(dm=face_dm))
+        db = module.distill_batch(x, y, None, module._student_outputs, module.teacher_outputs)
+        assert ("student_logits" in db, "teacher_logits" in db) == (wants, wants), method
+        assert "student_embedding" in db and "teacher_embedding" in db

@@ -95,3 +95,90 @@ def test_dimension_mismatch_and_projector():
     proj = make_projector(128, 512, projection=True)
     assert isinstance(proj, EmbeddingProjector) and proj(torch.randn(3, 128)).shape == (3, 512)
     assert isinstance(make_projector(64, 64, projection=False), torch.nn.Identity)
+
+
+def test_preset_helpers_pass_scale_and_margin_through():
+    """arcface_head/cosface_head/normsoftmax: the given s and m land in their places; defaults are the papers'."""
+    a = arcface_head(4, 3, s=30.0, m=0.3)
+    assert (a.s, a.m1, a.m2, a.m3) == (30.0, 1.0, 0.3, 0.0)
+    a = arcface_head(4, 3)
+    assert (a.s, a.m1, a.m2, a.m3) == (64.0, 1.0, 0.5, 0.0)
+    c = cosface_head(4, 3, s=16.0, m=0.25)
+    assert (c.s, c.m1, c.m2, c.m3) == (16.0, 1.0, 0.0, 0.25)
+    c = cosface_head(4, 3)
+    assert (c.s, c.m1, c.m2, c.m3) == (64.0, 1.0, 0.0, 0.4)
+    n = normsoftmax(4, 3, s=8.0)
+    assert (n.s, n.m1, n.m2, n.m3) == (8.0, 1.0, 0.0, 0.0)
+
+
+def test_projector_bias_option_and_embedding_shape_checks():
+    assert EmbeddingProjector(3, 5).proj.bias is not None
+    assert EmbeddingProjector(3, 5, bias=False).proj.bias is None
+    for s, t in [(torch.randn(4), torch.randn(4, 3)), (torch.randn(4, 3), torch.randn(4)),
+                 (torch.randn(4, 3), torch.randn(5, 3))]:
+        with pytest.raises(ValueError, match="embeddings must be B x D with equal B"):
+            embedding_mse_loss(s, t)
+    with pytest.raises(ConfigError, match="projection"):
+        embedding_cosine_loss(torch.randn(4, 3), torch.randn(4, 5))
+    assert torch.isfinite(relational_kd_loss(torch.randn(4, 3), torch.randn(4, 5)))  # sizes may differ here
+
+
+def test_margin_head_at_the_extremes_of_the_cosine():
+    """An embedding opposite its class (cos = -1): finite gradients; one orthogonal to it (cos = 0) with
+    easy_margin: no margin (the margin applies only for cos > 0)."""
+    for easy in (False, True):
+        head = CombinedMarginHead(2, 2, s=4.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=easy)
+        with torch.no_grad():
+            head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        x = torch.tensor([[-3.0, 0.0]], requires_grad=True)
+        head.loss(x, torch.tensor([0])).backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    ortho = head(torch.tensor([[0.0, 2.0]]), torch.tensor([0]))
+    assert ortho[0].tolist() == pytest.approx([0.0, 4.0], abs=1e-5)
+
+
+def test_margin_loss_ignores_rows_labelled_minus_one():
+    from kdx.losses.margin import margin_loss
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([0, -1, 2])
+    want = (-torch.log_softmax(logits[0], 0)[0] - torch.log_softmax(logits[2], 0)[2]) / 2
+    assert margin_loss(logits, labels).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_margin_head_defaults_config_overrides_and_label_bounds():
+    from kdx.losses.margin import build_margin_head
+    h = CombinedMarginHead(4, 3)
+    assert (h.s, h.m1, h.m2, h.m3, h.easy_margin) == (64.0, 1.0, 0.5, 0.0, False)  # ArcFace at s = 64
+    b = build_margin_head(4, 3)
+    assert (b.s, b.m1, b.m2, b.m3, b.easy_margin) == (64.0, 1.0, 0.5, 0.0, False)
+    b = build_margin_head(4, 3, "cosface", s=30.0, m1=1.2, m2=0.1, m3=0.2, easy_margin=True)
+    assert (b.s, b.m1, b.m2, b.m3, b.easy_margin) == (30.0, 1.2, 0.1, 0.2, True)
+    with pytest.raises(ConfigError, match="label 3 is outside the margin head's 3 classes"):
+        h(torch.randn(2, 4), torch.tensor([0, 3]))
+
+
+def test_adadistill_margin_and_scale_bounds_name_the_key():
+    from kdx.losses.face_margin import check_margin
+    assert check_margin("cosface", 0, 1e-3) == ("cosface", 0.0, 1e-3)  # no margin is allowed
+    for margin in (math.pi, -0.01, True, "0.3"):
+        with pytest.raises(ConfigError, match=r"^distill.margin must be a number in \[0, pi\), got "):
+            check_margin("arcface", margin, 64.0)
+    for scale in (0, -1.0, True):
+        with pytest.raises(ConfigError, match=r"^distill.scale must be a number > 0, got "):
+            check_margin("arcface", 0.5, scale)
+
+
+def test_margin_head_settings_at_their_bounds():
+    torch.manual_seed(0)
+    h = CombinedMarginHead(1, 1, s=1e-3, m1=1.0, m2=0.0, m3=0.0)  # the smallest head there is
+    assert h.weight.shape == (1, 1)
+    big = CombinedMarginHead(64, 100)
+    assert abs(big.weight.std().item() - 0.01) < 0.001  # initialised N(0, 0.01^2)
+    for kwargs in ({"s": 0}, {"m1": 0.9}, {"m2": -0.1}, {"m3": -0.1}, {"m2": math.pi}):
+        with pytest.raises(ConfigError, match="margin"):
+            CombinedMarginHead(4, 3, **kwargs)
+    for sizes in ((4, 0), (0, 3)):
+        with pytest.raises(ConfigError, match="num_classes >= 1 and embedding_size >= 1"):
+            CombinedMarginHead(*sizes)
+    sphere = CombinedMarginHead(4, 3, m1=2.0, m2=0.2)
+    assert sphere.cos_limit == pytest.approx(math.cos((math.pi - 0.2) / 2.0), abs=1e-12)

@@ -147,3 +147,87 @@ def test_logistic_probe_on_teacher_features_learns(data, teacher):
         _, metrics = fit(probe, data, epochs=2)
         assert metrics["test/acc1"] > 0.6, loss
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_distill_batch_holds_what_the_distillers_read(data, teacher):
+    """Teacher outputs without a graph, student outputs with one, indices kept, the epoch from the Trainer, and
+    unlabeled images (label -1) labelled with the teacher's prediction for methods that read labels."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4,
+                                distill={"method": "dkd", "mix": {"crd": {"feat_dim": 8, "nce_k": 4}}},
+                                optim=OPTIM, num_samples=20)
+    x, y = next(iter(data.train_dataloader()))
+    x, y = x[:6], y[:6].clone()
+    y[[1, 4]] = -1
+    idx = torch.arange(6)
+    b = module.distill_batch(x, y, idx, module._student_outputs, module._teacher_outputs)
+    assert (b["epoch"], b["max_epochs"]) == (0, 0) and b["images"] is x and torch.equal(b["indices"], idx)
+    assert not b["teacher_logits"].requires_grad and b["student_logits"].requires_grad
+    assert b["teacher_embedding"].shape[0] == 6 and b["student_embedding"].requires_grad
+    want = torch.where(y < 0, teacher(x).argmax(1), y)
+    assert torch.equal(b["labels"], want) and not torch.equal(want, y)
+    labelled = y.clamp(min=0)
+    assert torch.equal(module.distill_batch(x, labelled, None, module._student_outputs,
+                                            module._teacher_outputs)["labels"], labelled)
+    module._trainer = SimpleNamespace(current_epoch=3, max_epochs=7)
+    b = module.distill_batch(x, labelled, None, module._student_outputs, module._teacher_outputs)
+    assert (b["epoch"], b["max_epochs"]) == (3, 7) and "indices" not in b
+    with pytest.raises(KeyError):
+        module._run(x, module._teacher_outputs, "Teacher")
+    # labels 0 are a class, not "unlabeled"; no labels at all is allowed; the label dtype is kept
+    zeros = torch.zeros(6, dtype=torch.int32)
+    b = module.distill_batch(x, zeros, None, module._student_outputs, module._teacher_outputs)
+    assert torch.equal(b["labels"], zeros) and b["labels"].dtype == torch.int32
+    b = module.distill_batch(x, y.int(), None, module._student_outputs, module._teacher_outputs)
+    assert b["labels"].dtype == torch.int32 and torch.equal(b["labels"], want.int())
+    assert "labels" not in module.distill_batch(x, None, None, module._student_outputs, module._teacher_outputs)
+    # an embedding the network returns itself is kept, not replaced by the tapped classifier input
+    marker = torch.full((6, 3), 7.0)
+    outputs, _ = module._run(x, lambda xs: {"logits": module.net(xs), "embedding": marker}, "student")
+    assert outputs["embedding"] is marker
+
+
+def test_teacher_outputs_come_from_the_cache_only_with_indices_and_views(data, teacher):
+    module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4, optim=OPTIM)
+    x, y = next(iter(data.train_dataloader()))
+    calls = []
+
+    def cache(images, indices, views, compute):
+        calls.append((indices.tolist(), views.tolist()))
+        return compute(images)
+
+    module.teacher_cache = cache
+    idx, views = torch.arange(len(y)), torch.zeros(len(y), dtype=torch.long)
+    module.log = lambda *a, **k: None
+    module.training_step((x, y, idx, views), 0)
+    assert calls == [(idx.tolist(), views.tolist())]
+    module.training_step((x, y, idx), 0)
+    module.training_step((x, y), 0)
+    assert len(calls) == 1  # no views or no indices: the teacher runs
+
+
+def test_training_step_logs_with_the_batch_size_and_refuses_clashing_terms(data, teacher):
+    from kdx.errors import ConfigError
+
+    module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4, optim=OPTIM)
+    sizes = []
+    module.log = lambda *a, **k: sizes.append(k.get("batch_size"))
+    x, y = next(iter(data.train_dataloader()))
+    module.training_step((x[:5], y[:5]), 0)
+    assert sizes and set(sizes) == {5}
+    with pytest.raises(ConfigError, match=r"distillation terms \['ce'\] clash"):
+        module.mix_losses({"ce": torch.tensor(1.0)}, {"ce": torch.tensor(2.0)})
+
+
+@pytest.mark.parametrize("alpha, ok", [(0, True), (0.0, True), (1, True), (0.35, True), (1.5, False), (-0.1, False),
+                                       (True, False), ("0.5", False), (float("nan"), False)])
+def test_alpha_must_be_a_number_in_the_unit_interval(alpha, ok):
+    from kdx.errors import ConfigError
+    from kdx.lit.distill import check_alpha
+    if ok:
+        assert check_alpha(alpha) == float(alpha) and isinstance(check_alpha(alpha), float)
+    else:
+        with pytest.raises(ConfigError, match=r"distill.alpha must be a number in \[0, 1\]"):
+            check_alpha(alpha)

@@ -149,7 +149,46 @@ def test_dist_loss_matches_pearson_relations_by_hand():
     assert dist_loss(t, t, temperature=T).item() == pytest.approx(0.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, "4", float("inf"), float("nan")])
+@pytest.mark.parametrize("bad", [0, -1.0, "4", True, float("inf"), float("-inf"), float("nan")])
 def test_temperature_must_be_positive(bad):
     with pytest.raises(ConfigError, match="distill.temperature"):
         kd_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=bad)
+
+
+def test_defaults_are_the_papers_settings():
+    """Called without settings, each loss uses its paper's defaults (KD T=4; DKD T=4, alpha=1, beta=8; DIST 1,1,1)."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(4, 6, generator=g) * 3, torch.randn(4, 6, generator=g) * 3
+    y = torch.tensor([0, 3, 5, 1])
+    assert kd_loss(s, t).item() == pytest.approx(kd_loss(s, t, 4.0).item(), rel=1e-6)
+    assert kd_loss(s, t).item() != pytest.approx(kd_loss(s, t, 5.0).item(), rel=1e-3)
+    expected = sum(dkd_by_hand(s[i].tolist(), t[i].tolist(), int(y[i]), 4.0, 1.0, 8.0) for i in range(4)) / 4
+    assert dkd_loss(s, t, y).item() == pytest.approx(expected, rel=1e-5)
+    assert dist_loss(s, t).item() == pytest.approx(dist_loss(s, t, 1.0, 1.0, 1.0).item(), rel=1e-6)
+    assert dist_loss(s, t).item() != pytest.approx(dist_loss(s, t, temperature=2.0).item(), rel=1e-3)
+    assert bce_soft_loss(s, t).item() == pytest.approx(bce_soft_loss(s, t, 1.0).item(), rel=1e-6)
+    assert bce_soft_loss(s, t).item() != pytest.approx(bce_soft_loss(s, t, 2.0).item(), rel=1e-3)
+
+
+def test_dkd_with_two_classes_matches_the_definition():
+    """Binary tasks are the smallest DKD allows: NCKD over the single other class is 0, TCKD carries it all."""
+    s, t, y = torch.tensor([[2.0, -1.0], [0.5, 3.0]]), torch.tensor([[-1.0, 1.5], [2.0, 0.0]]), torch.tensor([0, 1])
+    expected = sum(dkd_by_hand(s[i].tolist(), t[i].tolist(), int(y[i]), 2.0, 0.5, 3.0) for i in range(2)) / 2
+    assert dkd_loss(s, t, y, 2.0, alpha=0.5, beta=3.0).item() == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.1
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 1), (6,)])
+def test_dkd_rejects_logits_that_are_not_batch_by_classes(shape):
+    x = torch.zeros(shape)
+    with pytest.raises(ValueError, match="one shape B x C"):
+        dkd_loss(x, x, torch.zeros(shape[0], dtype=torch.long))
+
+
+def test_kd_loss_on_dense_predictions_averages_over_pixels_with_classes_on_dim_1():
+    """B x C x H x W logits (segmentation): the KL is over dim 1, averaged over the batch and every pixel."""
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 4, 3, 5, generator=g) * 2, torch.randn(2, 4, 3, 5, generator=g) * 2
+    per_pixel = [kd_loss(s[b, :, i, j][None], t[b, :, i, j][None], 3.0).item()
+                 for b in range(2) for i in range(3) for j in range(5)]
+    assert kd_loss(s, t, 3.0).item() == pytest.approx(sum(per_pixel) / len(per_pixel), rel=1e-5)

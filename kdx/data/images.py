@@ -46,6 +46,8 @@ def decode_image(source: str | os.PathLike | bytes | bytearray | Image.Image, in
     Palette and transparent images are composited on white first, so transparent pixels do not turn black.
     `source` is a path, encoded bytes or an already opened PIL image; failures are a DataError naming it.
     """
+    if in_chans not in (1, 3):
+        raise ValueError(f"decode_image gives 1 (grey) or 3 (RGB) channels, not in_chans={in_chans!r}")
     img = source if isinstance(source, Image.Image) else open_image(source, name, hint)
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")

@@ -314,5 +314,5 @@ class RecordFaceDataset(Dataset):
         img = decode_image(data, 3, name=f"record {key} of {self.reader.rec_path}")
         if self.transform is not None:
             return self.transform(img), label
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        arr = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # an RGB image: H x W x 3 uint8
         return arr.float().div_(255.0), label

@@ -1,6 +1,7 @@
 """Several distillers with weights, built from the `distill` config section, run as one module."""
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -14,7 +15,7 @@ HOST_KEYS = frozenset({"method", "weight", "alpha", "save_teacher", "mix", "teac
 
 
 def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return float(value)
 

@@ -92,14 +92,15 @@ class DistillationMixin:
         self._student_taps = LayerTaps(student, self.distillers.student_layers(), s_inputs, role="student")
         self._teacher_taps = LayerTaps(teacher, teacher_layers, t_inputs, role="teacher") if teacher is not None \
             else LayerTaps(nn.Identity())
-        self._embedding_inputs = (student_embedding_input, teacher_embedding_input)
+        self._embedding_inputs = {"student": student_embedding_input, "teacher": teacher_embedding_input}
 
     def distill_batch(self, x: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor | None,
                       student_fn: Outputs, teacher_fn: Outputs, views: torch.Tensor | None = None) -> DistillBatch:
         """Run teacher (first, without a graph; from the teacher cache when it has this view) and student on `x`:
         everything the distillers read, as one dict."""
-        batch: DistillBatch = {"images": x, "epoch": int(self.current_epoch) if self._trainer is not None else 0,
-                               "max_epochs": int(self.trainer.max_epochs or 0) if self._trainer is not None else 0}
+        trainer = self._trainer  # None outside a Trainer (a host called by hand)
+        batch: DistillBatch = {"images": x, "epoch": int(trainer.current_epoch) if trainer is not None else 0,
+                               "max_epochs": int(trainer.max_epochs or 0) if trainer is not None else 0}
         if labels is not None:
             batch["labels"] = labels
         if indices is not None:
@@ -122,11 +123,11 @@ class DistillationMixin:
 
     def _run(self, x: torch.Tensor, fn: Outputs, role: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One network's named outputs (with the embedding read at its classifier's input) and tapped features."""
-        taps = self._student_taps if role == "student" else self._teacher_taps
+        taps = {"student": self._student_taps, "teacher": self._teacher_taps}[role]
         with torch.set_grad_enabled(role == "student" and torch.is_grad_enabled()), taps.recording():
             outputs = dict(fn(x))
         features, inputs = taps.take()
-        path = self._embedding_inputs[0 if role == "student" else 1]
+        path = self._embedding_inputs[role]
         if path in inputs and "embedding" not in outputs:
             outputs["embedding"] = inputs[path].flatten(1)
         return outputs, features

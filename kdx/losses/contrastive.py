@@ -7,7 +7,6 @@ network's bank; a noise-contrastive estimation (NCE) loss tells the positive fro
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -51,7 +50,7 @@ class EmbedHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-norm projection (computed in float32) of B x ... features."""
         x = self.linear(x.reshape(x.shape[0], -1))
-        return F.normalize(x.float(), p=2, dim=1)
+        return F.normalize(x.float())  # L2 rows (F.normalize's defaults p=2, dim=1)
 
 
 class ContrastMemory(nn.Module):
@@ -87,7 +86,7 @@ class ContrastMemory(nn.Module):
     def sample(self, indices: torch.Tensor) -> torch.Tensor:
         """B x (K+1) bank rows: column 0 the samples' own indices, then K uniform draws over all samples."""
         device = self.generator.device if self.generator is not None else self.memory_student.device
-        idx = torch.randint(0, self.num_samples, (indices.shape[0], self.nce_k + 1), generator=self.generator,
+        idx = torch.randint(self.num_samples, (indices.shape[0], self.nce_k + 1), generator=self.generator,
                             device=device).to(self.memory_student.device)
         idx[:, 0] = indices
         return idx
@@ -101,10 +100,7 @@ class ContrastMemory(nn.Module):
             contrast_idx = self.sample(indices)
         contrast_idx = contrast_idx.to(self.memory_student.device).long()
         b, k1 = contrast_idx.shape
-        device = self.memory_student.device.type
-        no_autocast = torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) \
-            else contextlib.nullcontext()
-        with no_autocast:
+        with torch.autocast(device_type=self.memory_student.device.type, enabled=False):
             dtype = torch.promote_types(self.memory_student.dtype, torch.float32)  # exp(1 / T) overflows fp16
             v_s, v_t = v_student.to(dtype), v_teacher.to(dtype)
             # the student's embedding is scored against the teacher's bank, and the other way round

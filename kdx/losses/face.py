@@ -27,19 +27,19 @@ def embedding_mse_loss(student: torch.Tensor, teacher: torch.Tensor, normalize: 
     _check_shapes(student, teacher)
     s, t = student.float(), teacher.float()
     if normalize:
-        s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
+        s, t = F.normalize(s), F.normalize(t)  # unit L2 rows (F.normalize's defaults p=2, dim=1)
     return F.mse_loss(s, t)
 
 
 def embedding_cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Batch mean of 1 - cos(student_i, teacher_i)."""
     _check_shapes(student, teacher)
-    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=1, eps=1e-8)).mean()
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float())).mean()  # cosines of rows (dim=1)
 
 
 def pairwise_cosine(embeddings: torch.Tensor) -> torch.Tensor:
     """B x B matrix of cosine similarities within a batch."""
-    z = F.normalize(embeddings.float(), dim=1)
+    z = F.normalize(embeddings.float())  # unit L2 rows
     return z @ z.t()
 
 

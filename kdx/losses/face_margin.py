@@ -52,11 +52,12 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor | None, labels: t
 
 
 def adadistill_weights(student: torch.Tensor, teacher: torch.Tensor, label_centres: torch.Tensor) -> torch.Tensor:
-    """Per-sample EMA weight a = clamp(cos(s, t) * clamp(cos(c_y, t), 1e-6, 1), 1e-6, 1) (B,), no gradient."""
-    with torch.no_grad():
-        s, t = F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1)
-        agreement = F.cosine_similarity(s, t, dim=1, eps=1e-8).clamp(-1.0, 1.0)
-        hardness = F.cosine_similarity(label_centres.float(), t, dim=1, eps=1e-8).clamp(_CLAMP, 1.0)
+    """Per-sample EMA weight a = clamp(cos(s, t) * max(cos(c_y, t), 1e-6), 1e-6, 1) (B,), no gradient (the
+    authors also cap cos(c_y, t) at 1, which only float rounding could exceed)."""
+    with torch.no_grad():  # F.normalize: unit L2 rows (its defaults p=2, dim=1)
+        s, t, c = F.normalize(student.float()), F.normalize(teacher.float()), F.normalize(label_centres.float())
+        agreement = (s * t).sum(1)
+        hardness = (c * t).sum(1).clamp(min=_CLAMP)  # the product's clamp below bounds both from above
         return (agreement * hardness).clamp(_CLAMP, 1.0)
 
 
@@ -71,18 +72,18 @@ def adadistill_update(centres: torch.Tensor, student: torch.Tensor, teacher: tor
     _check_inputs(student, teacher, labels, centres)
     with torch.no_grad():
         labels = labels.long()
-        keep = torch.nonzero(labels >= 0, as_tuple=False).view(-1)
+        keep = (labels >= 0).nonzero().view(-1)
         new = centres.detach().clone()
         if keep.numel() == 0:
             return new
-        last = torch.full((centres.shape[0],), -1, dtype=torch.long, device=labels.device)
+        last = labels.new_full((centres.shape[0],), -1)
         last.scatter_reduce_(0, labels[keep], keep, reduce="amax")
         rows = last[last >= 0]  # one sample per identity present in the batch
         ids = labels[rows]
         old = centres[ids].float()
-        t = F.normalize(teacher[rows].float(), dim=1)
+        t = F.normalize(teacher[rows].float())
         a = adadistill_weights(student[rows], teacher[rows], old).unsqueeze(1)
-        new[ids] = (a * old + (1.0 - a) * t).to(new.dtype)
+        new[ids] = a * old + (1.0 - a) * t  # cast to the centres' dtype by the assignment
         return new
 
 
@@ -95,8 +96,8 @@ def centre_margin_logits(student: torch.Tensor, centres: torch.Tensor, labels: t
     """
     margin_type, margin, scale = check_margin(margin_type, margin, scale)
     _check_inputs(student, None, labels, centres)
-    cos = F.linear(F.normalize(student.float(), dim=1), F.normalize(centres.float(), dim=1)).clamp(-1.0, 1.0)
-    rows = torch.nonzero(labels >= 0, as_tuple=False).view(-1)
+    cos = F.linear(F.normalize(student.float()), F.normalize(centres.float()))  # unit rows: cosines
+    rows = (labels >= 0).nonzero().view(-1)
     cols = labels.long()[rows]
     target = cos[rows, cols]
     if margin_type == "arcface":

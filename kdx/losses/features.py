@@ -55,7 +55,7 @@ def attention_map(feature: torch.Tensor, p: float = 2) -> torch.Tensor:
     The reference code raises f to the power p without the absolute value; for p = 2 (its setting) and for
     non-negative (post-ReLU) features the two agree.
     """
-    return F.normalize(_full(feature).abs().pow(p).mean(1).flatten(1), dim=1)
+    return F.normalize(_full(feature).abs().pow(p).mean(1).flatten(1))  # unit L2 rows (dim=1)
 
 
 def attention_transfer_loss(s_feat: torch.Tensor, t_feat: torch.Tensor, p: float = 2) -> torch.Tensor:

@@ -1,5 +1,10 @@
-"""Distillation losses on logits. Pure functions of tensors; each returns a scalar (batch mean)."""
+"""Distillation losses on logits. Pure functions of tensors; each returns a scalar (batch mean).
+
+Logits are B x C (or B x C x ... for dense predictions where a loss allows it): the class dimension is 1.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +14,8 @@ from kdx.errors import ConfigError
 
 def check_temperature(temperature: float) -> float:
     """Return `temperature` if it is a finite positive number, else raise a ConfigError naming the key."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < float("inf"):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
         raise ConfigError(f"distill.temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
@@ -20,17 +26,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     The T^2 factor keeps the gradient scale independent of the temperature.
     """
     T = check_temperature(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
     return kl.mean() * (T * T)
 
 
-def logit_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean squared error between raw logits, mean over batch and classes (Ba & Caruana 2014).
-
-    The temperature is accepted for a uniform signature and ignored: logit matching has none.
-    """
+def logit_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between raw logits, mean over batch and classes (Ba & Caruana 2014; no temperature)."""
     return F.mse_loss(student_logits.float(), teacher_logits.float())
 
 
@@ -58,28 +61,28 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     if s.shape != t.shape or s.ndim != 2 or s.shape[1] < 2:
         raise ValueError(f"dkd_loss needs student and teacher logits of one shape B x C with C >= 2, "
                          f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    gt = F.one_hot(target.long(), s.shape[-1]).bool()
+    gt = F.one_hot(target.long(), s.shape[1]).bool()
 
     def bins(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log binary probabilities [target, rest], log-softmax over the non-target classes)."""
-        log_all = torch.logsumexp(z, dim=-1, keepdim=True)
-        rest = z.masked_fill(gt, float("-inf"))
-        log_rest = torch.logsumexp(rest, dim=-1, keepdim=True)
-        log_target = z.gather(-1, target.long().unsqueeze(-1))
-        return torch.cat([log_target, log_rest], -1) - log_all, rest - log_rest
+        log_all = torch.logsumexp(z, dim=1, keepdim=True)
+        rest = z.masked_fill(gt, -math.inf)
+        log_rest = torch.logsumexp(rest, dim=1, keepdim=True)
+        log_target = z.gather(1, target.long().unsqueeze(1))
+        return torch.cat([log_target, log_rest], 1) - log_all, rest - log_rest
 
     bin_s, part_s = bins(s)
     bin_t, part_t = bins(t)
-    tckd = (bin_t.exp() * (bin_t - bin_s)).sum(-1).mean()
+    tckd = (bin_t.exp() * (bin_t - bin_s)).sum(1).mean()
     p_t = part_t.exp()  # exactly 0 at the target class, whose log-probabilities are -inf: zero them first
-    nckd = (p_t * (part_t.masked_fill(gt, 0.0) - part_s.masked_fill(gt, 0.0))).sum(-1).mean()
+    nckd = (p_t * (part_t.masked_fill(gt, 0.0) - part_s.masked_fill(gt, 0.0))).sum(1).mean()
     return (alpha * tckd + beta * nckd) * T * T
 
 
 def logit_standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Sun et al. 2024: z-score each row of logits, (z - mean) / (eps + std), std with Bessel's correction."""
     z = logits.float()
-    return (z - z.mean(-1, keepdim=True)) / (eps + z.std(-1, keepdim=True))
+    return (z - z.mean(1, keepdim=True)) / (eps + z.std(1, keepdim=True))
 
 
 def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

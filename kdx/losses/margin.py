@@ -49,23 +49,23 @@ class CombinedMarginHead(nn.Module):
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """cos(theta): B x num_classes cosines between normalised embeddings and class weights."""
-        return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+        # F.normalize: unit L2 rows (its defaults p=2, dim=1) of the embeddings and of the class weights
+        return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
 
     def margin_target(self, cos: torch.Tensor) -> torch.Tensor:
         """cos(m1*theta + m2) - m3 for target cosines `cos`, with the threshold/easy-margin fallback."""
         c = cos.clamp(-1 + _EPS, 1 - _EPS)
-        if self.m1 == 1.0 and self.m2 == 0.0:
-            target = c
-        elif self.m1 == 1.0:
+        if self.m1 == 1.0:  # cos(theta + m2) by the angle-sum rule (exactly c when m2 = 0)
             sin = torch.sqrt(1.0 - c * c)
             target = c * math.cos(self.m2) - sin * math.sin(self.m2)
         else:
             target = torch.cos(self.m1 * torch.acos(c) + self.m2)
-        if self.m1 != 1.0 or self.m2 != 0.0:
-            if self.easy_margin:
-                target = torch.where(c > 0, target, c)
-            else:
-                target = torch.where(c > self.cos_limit, target, c - self.fallback)
+        # past the limit (or, with easy_margin, at theta >= 90 degrees) fall back; with no angular margin
+        # (m1 = 1, m2 = 0) both fallbacks return c itself
+        if self.easy_margin:
+            target = torch.where(c > 0, target, c)
+        else:
+            target = torch.where(c > self.cos_limit, target, c - self.fallback)
         return target - self.m3
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +74,7 @@ class CombinedMarginHead(nn.Module):
         if labels is None:
             return cos * self.s
         labels = labels.long().view(-1)
-        rows = torch.nonzero(labels >= 0, as_tuple=False).view(-1)  # label -1 = no margin (ignored row)
+        rows = (labels >= 0).nonzero().view(-1)  # label -1 = no margin (ignored row)
         if labels.numel() and labels.max() >= self.num_classes:
             raise ConfigError(f"label {int(labels.max())} is outside the margin head's {self.num_classes} classes; "
                               "set data num_classes to match the dataset")

@@ -64,7 +64,7 @@ def _normalised_distances(e: torch.Tensor) -> torch.Tensor:
 def _triplet_cosines(e: torch.Tensor) -> torch.Tensor:
     """cos of the angle at vertex i between e_j - e_i and e_k - e_i for every (i, j, k), flattened (B^3 values;
     degenerate triplets, j = i or k = i, give 0)."""
-    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)  # [i, j] = unit(e_j - e_i)
+    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)  # [i, j] = unit(e_j - e_i), L2
     return torch.bmm(diff, diff.transpose(1, 2)).reshape(-1)
 
 
@@ -95,8 +95,8 @@ def rkd_loss(s_emb: torch.Tensor, t_emb: torch.Tensor, distance_weight: float = 
 def _cosine_conditionals(x: torch.Tensor, eps: float) -> torch.Tensor:
     """PKT's P(j | i): rows of the cosine kernel (cos + 1) / 2, each divided by its sum (diagonal included)."""
     x = x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)  # same value; finite gradient at 0
-    x = x.masked_fill(torch.isnan(x), 0.0)
-    k = (x @ x.t() + 1.0) / 2.0
+    x = x.masked_fill(torch.isnan(x), 0.0)  # a zero row with eps = 0
+    k = x @ x.t() + 1.0  # the kernel's / 2 cancels in the row normalisation
     return k / k.sum(1, keepdim=True)
 
 
@@ -111,7 +111,7 @@ def pkt_loss(s_emb: torch.Tensor, t_emb: torch.Tensor, eps: float = 1e-7) -> tor
 
 def _row_normalised_gram(x: torch.Tensor) -> torch.Tensor:
     """B x B Gram matrix of the flattened features, each row L2-normalised."""
-    return F.normalize(x @ x.t(), p=2, dim=1)
+    return F.normalize(x @ x.t())  # L2 rows (F.normalize's defaults)
 
 
 @_full_precision

@@ -15,6 +15,7 @@ highest negative, ties counted half in the AUC) is kept as insightface states it
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ def kfold_indices(n: int, n_splits: int) -> list[np.ndarray]:
     """Contiguous test-fold indices, like sklearn KFold(n_splits, shuffle=False)."""
     if n_splits < 2 or n_splits > n:
         raise DataError(f"{n} pairs cannot be cut into {n_splits} folds; use 2 <= nrof_folds <= number of pairs")
-    sizes = np.full(n_splits, n // n_splits, dtype=int)
+    sizes = np.full(n_splits, n // n_splits)
     sizes[: n % n_splits] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     return [np.arange(bounds[i], bounds[i + 1]) for i in range(n_splits)]
@@ -50,13 +51,13 @@ def _accuracy_per_threshold(dist: np.ndarray, issame: np.ndarray, thresholds: np
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC of `scores` (higher = more likely positive), ties counted half (Mann-Whitney U)."""
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.asarray(scores)
     positive = np.asarray(positive, dtype=bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
+        return math.nan
+    order = np.argsort(scores)  # any order: tied scores get their average rank below
+    ranks = np.empty(len(scores))
     sorted_scores = scores[order]
     # average ranks over ties
     _, start, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
@@ -68,12 +69,12 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def tar_at_far(similarity: np.ndarray, issame: np.ndarray, far: float) -> tuple[float, float]:
     """(TAR, achieved FAR) when accepting pairs with similarity above the strictest threshold allowing FAR <= far."""
-    sim = np.asarray(similarity, dtype=np.float64)
+    sim = np.asarray(similarity)
     issame = np.asarray(issame, dtype=bool)
     neg = np.sort(sim[~issame])[::-1]
     pos = sim[issame]
     if len(neg) == 0 or len(pos) == 0:
-        return float("nan"), float("nan")
+        return math.nan, math.nan
     k = int(np.floor(far * len(neg) + 1e-9))  # number of false accepts allowed
     threshold = neg[k] if k < len(neg) else -np.inf
     return float((pos > threshold).mean()), float((neg > threshold).mean())
@@ -90,14 +91,14 @@ def far_key(far: float) -> str:
 def verification_metrics(embeddings, issame, flipped_embeddings=None, nrof_folds: int = 10,
                          far_targets: Sequence[float] = DEFAULT_FAR_TARGETS) -> dict[str, float]:
     """Accuracy (10-fold), its std, best threshold, AUC and TAR@FAR of interleaved pair embeddings."""
-    emb = _as_numpy(embeddings).astype(np.float64)
+    emb = np.asarray(_as_numpy(embeddings), dtype=np.float64)
     same = _as_numpy(issame).astype(bool).ravel()
     if emb.ndim != 2:
         raise DataError(f"embeddings must be a 2-D (2N x D) array, got shape {emb.shape}")
-    if emb.shape[0] % 2 or emb.shape[0] != 2 * len(same):
+    if emb.shape[0] != 2 * len(same):
         raise DataError(f"{emb.shape[0]} embeddings do not make {len(same)} interleaved pairs; need exactly 2 per issame flag")
     if flipped_embeddings is not None:
-        flipped = _as_numpy(flipped_embeddings).astype(np.float64)
+        flipped = np.asarray(_as_numpy(flipped_embeddings), dtype=np.float64)
         if flipped.shape != emb.shape:
             raise DataError(f"flipped embeddings have shape {flipped.shape}, the embeddings {emb.shape}; they must match")
         emb = emb + flipped
@@ -108,7 +109,8 @@ def verification_metrics(embeddings, issame, flipped_embeddings=None, nrof_folds
     folds = kfold_indices(len(same), nrof_folds)
     accuracies, best = [], []
     for test in folds:
-        train = np.setdiff1d(np.arange(len(same)), test, assume_unique=True)
+        train = np.ones(len(same), dtype=bool)
+        train[test] = False
         acc_train = _accuracy_per_threshold(dist[train], same[train], THRESHOLDS)
         t = THRESHOLDS[int(np.argmax(acc_train))]
         best.append(t)
@@ -171,7 +173,7 @@ class VerificationMetric(Metric):
             flipped = None
         if flipped is not None and flipped.shape != emb.shape:
             raise DataError("flipped embeddings were given for some batches only; pass them with every update() or never")
-        order = torch.argsort(idx, stable=True)
+        order = torch.argsort(idx)  # repeated indices are copies of one image: which copy is kept does not matter
         idx_sorted = idx[order]
         keep = torch.ones_like(idx_sorted, dtype=torch.bool)
         keep[1:] = idx_sorted[1:] != idx_sorted[:-1]  # DistributedSampler pads with repeats

@@ -33,11 +33,11 @@ class ABF(nn.Module):
         """(output matched to the teacher, residual handed to the next shallower level)."""
         x = self.conv1(x)
         if self.att_conv is not None:
-            residual = F.interpolate(residual, size=tuple(x.shape[-2:]), mode="nearest")
+            residual = F.interpolate(residual, size=tuple(x.shape[2:]))  # F.interpolate's default: nearest
             z = self.att_conv(torch.cat([x, residual], dim=1))
-            x = x * z[:, 0:1] + residual * z[:, 1:2]
-        if tuple(x.shape[-2:]) != tuple(out_size):
-            x = F.interpolate(x, size=tuple(out_size), mode="nearest")
+            x = x * z[:, :1] + residual * z[:, 1:]
+        if tuple(x.shape[2:]) != tuple(out_size):
+            x = F.interpolate(x, size=tuple(out_size))  # nearest
         return self.conv2(x), x
 
 
@@ -99,7 +99,7 @@ class ReviewKD(PairedStages, Distiller):
         outputs: list[torch.Tensor] = []
         residual = None
         for i in reversed(range(len(s_maps))):  # deepest (the embedding) first, each fused with the one below it
-            out, residual = self.abfs[i](s_maps[i], residual, tuple(t_maps[i].shape[-2:]))
+            out, residual = self.abfs[i](s_maps[i], residual, tuple(t_maps[i].shape[2:]))
             outputs.insert(0, out)
         loss = hcl_loss(outputs, t_maps)
         return {"reviewkd": warmup_factor(batch.get("epoch"), self.warmup_epochs) * loss}
