@@ -356,9 +356,17 @@ def test_teacher_pretrained_accepts_a_weights_file(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- Ctrl-C
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "kdx-train"), *args], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+def _as_from_a_terminal() -> None:
+    """In the child before exec: Ctrl-C handled as a shell leaves it (default action, not blocked), whatever
+    the pytest worker that starts it inherited or changed (an ignored or blocked SIGINT is passed on by exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _start(args: list[str], cwd: Path, program: str = "kdx-train") -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / program), *args], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -422,8 +430,7 @@ def test_an_interrupted_pipeline_stage_resumes_on_the_next_run(tmp_path: Path) -
     run_dir = tmp_path / "pipe"
     args = ["experiment=synthetic", "trainer.max_epochs=3", "data.train_size=2048", *QUIET, f"hydra.run.dir={run_dir}",
             "pipeline.compare.latency_runs=2", "pipeline.compare.throughput_runs=1", "pipeline.compare.throughput_batch=4"]
-    proc = subprocess.Popen([str(BIN / "kdx-pipeline"), *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = _start(args, tmp_path, program="kdx-pipeline")
     _wait_for(run_dir / "student" / "checkpoints" / "last.ckpt", proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
