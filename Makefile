@@ -50,7 +50,7 @@ faults: $(STAMP)
 
 # Mutation testing of the numerical core (losses, distillers, hosts, verification, margin heads, RecordIO reader):
 # a per-module table of mutants killed by the tests; fails under 90% or on a survivor not explained in
-# docs/mutation.md. The whole scope takes ~45 min on 2 cores; mutation-quick (logit losses + verification) ~5.
+# docs/mutation.md. The whole scope takes ~45 min on 2 cores; mutation-quick (the logit losses) under 9.
 MUTATION_STAMP := $(VENV)/.kdx-mutation-installed
 $(MUTATION_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,mutation]"

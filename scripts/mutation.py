@@ -1,5 +1,5 @@
 """Mutation testing of kdx's numerical core: `make mutation` (everything, ~45 min on 2 cores) or
-`make mutation-quick` (the logit losses and face verification, a few minutes).
+`make mutation-quick` (the logit losses: KD, DKD, DIST, BCE, MSE; under 9 minutes from a fresh clone, install included).
 
 mutmut (configured in pyproject.toml's [tool.mutmut]) copies kdx into ./mutants, makes every small change it
 can to each function in scope (an operator, a constant, an argument...), and runs the tests that reach that
@@ -57,7 +57,7 @@ SCOPE: dict[str, list[str]] = {
     "kdx.data.recordio": ["x_unpack_header_*", "xǁRecordIOReaderǁ*", "x__whole_number_*", "x_read_property_*",
                           "xǁRecordFaceDatasetǁ*"],
 }
-QUICK = ["kdx.losses.logits", "kdx.metrics.verification"]
+QUICK = ["kdx.losses.logits"]  # verification would add ~15 min: its mutants run the 2-process DDP test
 REFRESH_MUTANT = "kdx.losses.logits.x_check_temperature__mutmut_1"
 
 # mutmut's verdicts that count as killed; every other one (survived, no tests, suspicious, not checked) does not
