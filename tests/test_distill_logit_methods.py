@@ -1,12 +1,12 @@
 """Each logit distiller, built by name as `distill.method=<name>` builds it, against its formula written out
 with torch primitives (not kdx.losses): so a method that passes the wrong setting, swaps student and teacher,
 or forgets logit standardisation fails here even if the shared loss function is right."""
-import math
-
 import pytest
 import torch
 
 from kdx.distill import build_distiller
+
+from test_losses import dkd_by_hand as dkd_one
 
 g = torch.Generator().manual_seed(11)
 S = torch.randn(6, 5, generator=g) * 3          # student logits: real gaps, no ties
@@ -74,18 +74,8 @@ def test_dist_method(standardize):
 
 
 def dkd_by_hand(s, t, y, T, alpha, beta):
-    """alpha * KL of the (target, rest) bins + beta * KL over the non-target classes, times T^2, batch mean."""
-    total = 0.0
-    for i in range(len(y)):
-        ps, pt = (s[i] / T).softmax(0).tolist(), (t[i] / T).softmax(0).tolist()
-        k = int(y[i])
-        bs, bt = [ps[k], 1 - ps[k]], [pt[k], 1 - pt[k]]
-        tckd = sum(b * math.log(b / c) for b, c in zip(bt, bs))
-        rs = [p / (1 - ps[k]) for j, p in enumerate(ps) if j != k]
-        rt = [p / (1 - pt[k]) for j, p in enumerate(pt) if j != k]
-        nckd = sum(b * math.log(b / c) for b, c in zip(rt, rs))
-        total += (alpha * tckd + beta * nckd) * T * T
-    return total / len(y)
+    """Batch mean of the per-sample DKD reference of test_losses (the paper's definition in plain Python)."""
+    return sum(dkd_one(s[i].tolist(), t[i].tolist(), int(y[i]), T, alpha, beta) for i in range(len(y))) / len(y)
 
 
 @pytest.mark.parametrize("standardize", [False, True])
