@@ -45,7 +45,7 @@ SCOPE: dict[str, list[str]] = {
     "kdx.losses.margin": ["*"],
     "kdx.distill.methods": ["*"],
     "kdx.distill.mix": ["*"],
-    "kdx.lit.distill": ["x_check_alpha_*", "x_split_batch_*", "xǁDistillationMixinǁdistill_batch_*",
+    "kdx.lit.distill": ["x_check_alpha_*", "xǁDistillationMixinǁdistill_batch_*",
                         "xǁDistillationMixinǁ_run_*", "xǁDistillationMixinǁdistillation_losses_*",
                         "xǁDistillationMixinǁmix_losses_*", "xǁDistillationModuleǁ_student_outputs_*",
                         "xǁDistillationModuleǁ_teacher_outputs_*", "xǁDistillationModuleǁtraining_step_*"],

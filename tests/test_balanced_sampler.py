@@ -35,8 +35,8 @@ def _epoch_identities(dm: FaceFolderDataModule, epochs: int) -> Counter:
     for epoch in range(epochs):
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        for _, labels in loader:
-            counts.update(labels.tolist())
+        for batch in loader:
+            counts.update(batch["labels"].tolist())
     return counts
 
 

@@ -20,7 +20,8 @@ def test_split_folders_share_the_class_list_and_load_as_tensors(tmp_path):
     dm.setup()
     assert dm.class_names == ["class_0", "class_1", "class_2"]
     assert dm.describe()["train"] == 36 and dm.describe()["val"] == 12 and dm.describe()["test"] == 12
-    x, y = next(iter(dm.train_dataloader()))
+    _b = next(iter(dm.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
 
 

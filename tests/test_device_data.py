@@ -40,14 +40,14 @@ def test_device_batches_shuffle_per_epoch_shard_ranks_and_reproduce_views():
     one = DeviceBatches(images, torch.arange(10), **kw)
     one.set_epoch(0)
     first = list(one)
-    assert sorted(torch.cat([b[2] for b in first]).tolist()) == list(range(10))
-    assert all(int(b[3][0]) == 0 for b in first)
+    assert sorted(torch.cat([b["index"] for b in first]).tolist()) == list(range(10))
+    assert all(int(b["view"][0]) == 0 for b in first)
     again = list(one)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))  # same epoch, same images
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(first, again))  # same epoch, same images
     one.set_epoch(1)
-    assert not torch.equal(torch.cat([b[2] for b in list(one)]), torch.cat([b[2] for b in first]))
+    assert not torch.equal(torch.cat([b["index"] for b in list(one)]), torch.cat([b["index"] for b in first]))
     ranks = [DeviceBatches(images, torch.arange(10), rank=r, world=2, **kw) for r in (0, 1)]
-    seen = [torch.cat([b[2] for b in r]).tolist() for r in ranks]
+    seen = [torch.cat([b["index"] for b in r]).tolist() for r in ranks]
     assert sorted(seen[0] + seen[1]) == list(range(10)) and len(ranks[0]) == 2
 
 

@@ -208,7 +208,7 @@ def test_distillers_parts_are_optimised_checkpointed_and_left_out_of_the_student
 
 
 def test_method_needing_sample_indices_on_a_datamodule_without_them_says_so():
-    from kdx.distill import enable_sample_indices
+    from kdx.distill import require_sample_indices
 
     class Plain:
         pass
@@ -221,11 +221,12 @@ def test_method_needing_sample_indices_on_a_datamodule_without_them_says_so():
         methods = {"crd": NeedsIndices()}
 
     with pytest.raises(ConfigError, match="method 'crd' needs sample indices, but Plain gives none"):
-        enable_sample_indices(Plain(), Set())
+        require_sample_indices(Plain(), Set())
     dm = SyntheticDataModule(num_classes=4, image_size=8, train_size=16, batch_size=8)
     dm.setup()
-    enable_sample_indices(dm, Set())
-    x, y, idx = next(iter(dm.train_dataloader()))
+    require_sample_indices(dm, Set())
+    _b = next(iter(dm.train_dataloader()))
+    x, y, idx = _b["images"], _b["labels"], _b["index"]
     assert idx.shape == y.shape and len(set(idx.tolist())) == len(idx)
     assert torch.equal(dm.train_set[int(idx[0])][0], x[0])
 

@@ -40,7 +40,8 @@ def test_face_folder_datamodule(tmp_path):
     assert any("solo" in str(w.message) for w in caught)
     assert n == 4 and len(dm.train_identities) == 4
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    _b = next(iter(dm.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     assert x.shape == (4, 3, 24, 20) and y.max() < 4 and x.min() >= -1 and x.max() <= 1
     assert len(dm.pairs) == 8 and sum(dm.issame) == 4
     assert all("solo" not in a for a, b, same in dm.pairs if same)
@@ -73,7 +74,8 @@ def test_orl_faces_datamodule():
     assert dm.num_classes == 32 and len(dm.held_out_identities) == 8
     assert all(p.endswith(".pgm") for a, b, _ in dm.pairs for p in (a, b))
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    _b = next(iter(dm.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     assert x.shape == (8, 3, 112, 112)
     assert torch.equal(x[:, 0], x[:, 1])  # grey repeated
     assert len(dm.val_set) == 200

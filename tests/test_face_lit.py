@@ -118,12 +118,14 @@ def test_distillation_reduces_embedding_loss_and_keeps_teacher_frozen(face_dm, t
     assert not any(k.startswith(("teacher", "_kdx_teacher")) for k in module.state_dict())
     assert all(not p.requires_grad for p in teacher.parameters())
 
-    x, y = next(iter(face_dm.train_dataloader()))
+    _b = next(iter(face_dm.train_dataloader()))
+
+    x, y = _b["images"], _b["labels"]
 
     def emb_cos():
         module.eval()
         with torch.no_grad():
-            db = module.distill_batch(x, y, None, module._student_outputs, module.teacher_outputs)
+            db = module.distill_batch({"images": x, "labels": y, "index": None}, module._student_outputs, module.teacher_outputs)
             return float(module.distillers(db)["emb_cos"])
 
     start = emb_cos()
@@ -148,7 +150,8 @@ def test_face_training_step_returns_the_formula_of_student_and_teacher_outputs(f
     module.eval()
     sizes = []
     module.log = lambda *a, **k: sizes.append(k.get("batch_size"))
-    x, y = next(iter(face_dm.train_dataloader()))
+    _b = next(iter(face_dm.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     loss = module.training_step((x, y), 0)
     assert sizes and set(sizes) == {len(y)}
     with torch.no_grad():
@@ -181,7 +184,8 @@ def test_logit_kd_needs_a_teacher_with_the_same_identities(face_dm):
     module = FaceDistillationModule(_student(16), _torch_teacher(16, head, face_dm.class_names), face_dm.num_classes,
                                     distill={"method": "logit_kd", "temperature": 2.0, "mix": {"emb_cos": {}}},
                                     shared_identities=True, optim=OPTIM, model_meta=_meta())
-    x, y = next(iter(face_dm.train_dataloader()))
+    _b = next(iter(face_dm.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     module.eval()  # the same BatchNorm statistics in the step and in the hand computation below
     terms = {}
     module.log_terms = lambda t, batch_size: terms.update(t) or sum(t.values())
@@ -260,7 +264,8 @@ def test_face_host_hands_the_labels_to_methods_that_read_them(face_dm):
                                     distill={"method": "adadistill", "scale": 16.0}, model_meta=_meta(dm=face_dm))
     module.eval()
     module.log = lambda *a, **k: None
-    x, y = next(iter(face_dm.train_dataloader()))
+    _b = next(iter(face_dm.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     ada = module.distillers.methods["adadistill"]
     ada.train()
     before = ada.centres.clone()
@@ -276,7 +281,8 @@ def test_face_module_logs_its_margin_loss_with_the_batch_size(face_dm):
     module = FaceModule(_student(16), face_dm.num_classes, optim=OPTIM, model_meta=_meta(dm=face_dm))
     sizes = []
     module.log = lambda *a, **k: sizes.append(k.get("batch_size"))
-    x, y = next(iter(face_dm.train_dataloader()))
+    _b = next(iter(face_dm.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     module.training_step((x[:7], y[:7]), 0)
     assert sizes and set(sizes) == {7}
 
@@ -284,12 +290,13 @@ def test_face_module_logs_its_margin_loss_with_the_batch_size(face_dm):
 def test_face_host_computes_logits_only_for_methods_that_read_them(face_dm):
     """With tens of thousands of identities a head's logits are a large matmul: the host skips them unless a method
     reads logits (logit_kd), and then takes both the student's and the teacher's."""
-    x, y = next(iter(face_dm.train_dataloader()))
+    _b = next(iter(face_dm.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     head = build_margin_head(16, face_dm.num_classes)
     for method, wants in (("emb_mse", False), ("logit_kd", True)):
         module = FaceDistillationModule(_student(16), _torch_teacher(16, head, face_dm.class_names),
                                         face_dm.num_classes, distill={"method": method}, shared_identities=True,
                                         optim=OPTIM, model_meta=_meta(dm=face_dm))
-        db = module.distill_batch(x, y, None, module._student_outputs, module.teacher_outputs)
+        db = module.distill_batch({"images": x, "labels": y, "index": None}, module._student_outputs, module.teacher_outputs)
         assert ("student_logits" in db, "teacher_logits" in db) == (wants, wants), method
         assert "student_embedding" in db and "teacher_embedding" in db

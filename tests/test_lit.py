@@ -87,7 +87,8 @@ def test_training_step_returns_the_formula_of_student_and_teacher_outputs(data, 
     module = DistillationModule(student, teacher, 4, distill=distill, alpha=0.6, optim=OPTIM, label_smoothing=0.1)
     module.eval()  # no BN update between the step and the hand computation
     module.log = lambda *a, **k: None
-    x, y = next(iter(data.train_dataloader()))
+    _b = next(iter(data.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     loss = module.training_step((x, y), 0)
     s, t = student(x).detach(), teacher(x)
     p_t = torch.softmax(t.double() / 2.0, 1)
@@ -158,31 +159,32 @@ def test_distill_batch_holds_what_the_distillers_read(data, teacher):
     module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4,
                                 distill={"method": "dkd", "mix": {"crd": {"feat_dim": 8, "nce_k": 4}}},
                                 optim=OPTIM, num_samples=20)
-    x, y = next(iter(data.train_dataloader()))
+    _b = next(iter(data.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     x, y = x[:6], y[:6].clone()
     y[[1, 4]] = -1
     idx = torch.arange(6)
-    b = module.distill_batch(x, y, idx, module._student_outputs, module._teacher_outputs)
+    b = module.distill_batch({"images": x, "labels": y, "index": idx}, module._student_outputs, module._teacher_outputs)
     assert (b["epoch"], b["max_epochs"]) == (0, 0) and b["images"] is x and torch.equal(b["indices"], idx)
     assert not b["teacher_logits"].requires_grad and b["student_logits"].requires_grad
     assert b["teacher_embedding"].shape[0] == 6 and b["student_embedding"].requires_grad
     want = torch.where(y < 0, teacher(x).argmax(1), y)
     assert torch.equal(b["labels"], want) and not torch.equal(want, y)
     labelled = y.clamp(min=0)
-    assert torch.equal(module.distill_batch(x, labelled, None, module._student_outputs,
+    assert torch.equal(module.distill_batch({"images": x, "labels": labelled, "index": None}, module._student_outputs,
                                             module._teacher_outputs)["labels"], labelled)
     module._trainer = SimpleNamespace(current_epoch=3, max_epochs=7)
-    b = module.distill_batch(x, labelled, None, module._student_outputs, module._teacher_outputs)
+    b = module.distill_batch({"images": x, "labels": labelled, "index": None}, module._student_outputs, module._teacher_outputs)
     assert (b["epoch"], b["max_epochs"]) == (3, 7) and "indices" not in b
     with pytest.raises(KeyError):
         module._run(x, module._teacher_outputs, "Teacher")
     # labels 0 are a class, not "unlabeled"; no labels at all is allowed; the label dtype is kept
     zeros = torch.zeros(6, dtype=torch.int32)
-    b = module.distill_batch(x, zeros, None, module._student_outputs, module._teacher_outputs)
+    b = module.distill_batch({"images": x, "labels": zeros, "index": None}, module._student_outputs, module._teacher_outputs)
     assert torch.equal(b["labels"], zeros) and b["labels"].dtype == torch.int32
-    b = module.distill_batch(x, y.int(), None, module._student_outputs, module._teacher_outputs)
+    b = module.distill_batch({"images": x, "labels": y.int(), "index": None}, module._student_outputs, module._teacher_outputs)
     assert b["labels"].dtype == torch.int32 and torch.equal(b["labels"], want.int())
-    assert "labels" not in module.distill_batch(x, None, None, module._student_outputs, module._teacher_outputs)
+    assert "labels" not in module.distill_batch({"images": x, "labels": None, "index": None}, module._student_outputs, module._teacher_outputs)
     # an embedding the network returns itself is kept, not replaced by the tapped classifier input
     marker = torch.full((6, 3), 7.0)
     outputs, _ = module._run(x, lambda xs: {"logits": module.net(xs), "embedding": marker}, "student")
@@ -191,7 +193,8 @@ def test_distill_batch_holds_what_the_distillers_read(data, teacher):
 
 def test_teacher_outputs_come_from_the_cache_only_with_indices_and_views(data, teacher):
     module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4, optim=OPTIM)
-    x, y = next(iter(data.train_dataloader()))
+    _b = next(iter(data.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     calls = []
 
     def cache(images, indices, views, compute):
@@ -214,7 +217,8 @@ def test_training_step_logs_with_the_batch_size_and_refuses_clashing_terms(data,
     module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4, optim=OPTIM)
     sizes = []
     module.log = lambda *a, **k: sizes.append(k.get("batch_size"))
-    x, y = next(iter(data.train_dataloader()))
+    _b = next(iter(data.train_dataloader()))
+    x, y = _b["images"], _b["labels"]
     module.training_step((x[:5], y[:5]), 0)
     assert sizes and set(sizes) == {5}
     with pytest.raises(ConfigError, match=r"distillation terms \['ce'\] clash"):

@@ -8,14 +8,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdx.data.device_batches import DeviceBatches
+from kdx.data.mixing import MixSpec, check_mix, check_teacher_view
 from kdx.data.samplers import BalancedSampler, check_sampler, dataset_labels
 from kdx.data.tensor_images import TensorImageDataset
-from kdx.data.views import SeededViewDataset, ViewSampler
+from kdx.data.views import ViewRecords, ViewSampler
 from kdx.errors import ConfigError
 
 
-class WithIndex(Dataset):
-    """A dataset whose items carry their index: (image, label, index), for methods that keep per-sample state."""
+class IndexedRecords(Dataset):
+    """Training records (kdx.data.batch) of a dataset of (image, label) items: images, labels and the index."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -23,9 +24,10 @@ class WithIndex(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.dataset[i]
-        return (*item, i) if isinstance(item, tuple) else (item, i)
+        image, label = (item[0], item[1]) if isinstance(item, tuple) else (item, -1)
+        return {"images": image, "labels": torch.as_tensor(label), "index": torch.tensor(int(i))}
 
 
 class KdxDataModule(pl.LightningDataModule):
@@ -33,7 +35,8 @@ class KdxDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = True, eval_batch_size: int | None = None, seeded_views: bool = False,
-                 views: int | None = None, on_device: bool = False, sampler: str | None = None) -> None:
+                 views: int | None = None, on_device: bool = False, sampler: str | None = None,
+                 mix: dict | MixSpec | None = None, teacher_view: str = "consistent") -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -46,10 +49,12 @@ class KdxDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self.train_indices = False  # True: training batches are (images, labels, sample indices)
-        # seeded views (kdx.data.views): training batches are (images, labels, indices, views), each image's
-        # augmentation a function of (view_seed, view, index); view = epoch, or epoch % view_count
-        self.seeded_views = bool(seeded_views)
+        # batch mixing (mixup/cutmix) and what the teacher sees (kdx.data.mixing): both need seeded views
+        self.mix = check_mix(mix)
+        self.teacher_view = check_teacher_view(teacher_view)
+        # seeded views (kdx.data.views): each training image's augmentation (and mix) a function of
+        # (view_seed, view, index); view = epoch, or epoch % view_count
+        self.seeded_views = bool(seeded_views) or self.mix.active or self.teacher_view != "consistent"
         self.view_count: int | None = int(views) if views else None
         self.view_seed = 0  # the run's seed (set by kdx.train)
         self.on_device = bool(on_device)  # keep in-memory images on the training device, augment them there
@@ -75,10 +80,12 @@ class KdxDataModule(pl.LightningDataModule):
                               "data.seeded_views); set data.sampler=null or distill.teacher_cache.mode=off")
         if train and self.seeded_views:
             sampler = ViewSampler(dataset, seed=self.view_seed, views=self.view_count, drop_last=drop_last)
-            return DataLoader(SeededViewDataset(dataset, self.view_seed), sampler=sampler, **kwargs)
+            records = ViewRecords(dataset, self.view_seed, self.mix, self.teacher_view,
+                                  clean=self.clean_train_set() if self.teacher_view == "fixed" else None)
+            return DataLoader(records, sampler=sampler, **kwargs)
         balanced = BalancedSampler(dataset_labels(dataset), seed=self.view_seed) if train and self.sampler else None
-        if train and self.train_indices:
-            dataset = WithIndex(dataset)
+        if train:
+            dataset = IndexedRecords(dataset)
         return DataLoader(dataset, shuffle=train and balanced is None, sampler=balanced, **kwargs)
 
     def _device_batches(self, dataset: Dataset, train: bool, drop_last: bool) -> DeviceBatches:
@@ -94,7 +101,17 @@ class KdxDataModule(pl.LightningDataModule):
         return DeviceBatches(dataset.images, dataset.labels, dataset.mean.flatten().tolist(),
                              dataset.std.flatten().tolist(), self.batch_size if train else self.eval_batch_size,
                              device=device, train=train, augment=dataset.augment and train, pad=dataset.pad,
-                             seed=self.view_seed, views=self.view_count, drop_last=drop_last, rank=rank, world=world)
+                             seed=self.view_seed, views=self.view_count, drop_last=drop_last, rank=rank, world=world,
+                             mix=self.mix, teacher_view=self.teacher_view)
+
+    def clean_train_set(self) -> Dataset:
+        """The training images without augmentation (what a `fixed` teacher sees, data.teacher_view=fixed)."""
+        clean = getattr(self.train_set, "without_augmentation", None)
+        if clean is None:
+            raise ConfigError(f"data.teacher_view=fixed shows the teacher the clean training image, which "
+                              f"{type(self.train_set).__name__} cannot give (it has no without_augmentation()); "
+                              "use data.teacher_view=consistent or independent")
+        return clean()
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from kdx.data.views import view_of
+from kdx.data.mixing import TEACHER_STREAM, MixSpec, check_mix, check_teacher_view, draw_mix, mix_batch
+from kdx.data.views import stream_seed, view_of
 
 _MASK31 = 0x7FFFFFFF
 
@@ -45,7 +46,11 @@ def shift_and_flip(images: torch.Tensor, hashes: torch.Tensor, pad: int) -> torc
 
 
 class DeviceBatches:
-    """An iterable of batches over resident images: (x, y, index, view) for training, (x, y) otherwise.
+    """An iterable of batches over resident images: training records (kdx.data.batch) or (x, y) for evaluation.
+
+    Mixing (`mix`) and the teacher's view (`teacher_view`) follow kdx.data.views.ViewRecords: the partner,
+    lambda and box of each sample are `kdx.data.mixing.draw_one` of (seed, view, index), the partner shifted and
+    flipped by its own hash; an `independent` teacher's view uses stream 1's seed, a `fixed` one the clean image.
 
     `set_epoch` (called by Lightning through `.sampler`) picks the epoch's shuffle and view; with several
     ranks each takes every `world`-th sample of the shuffled order, like DistributedSampler.
@@ -54,7 +59,7 @@ class DeviceBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                  batch_size: int, device: torch.device | str = "cpu", train: bool = False, augment: bool = False,
                  pad: int = 2, seed: int = 0, views: int | None = None, drop_last: bool = False, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, mix: MixSpec | None = None, teacher_view: str = "consistent") -> None:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.long().to(self.device)
@@ -63,6 +68,7 @@ class DeviceBatches:
         self.batch_size, self.train, self.augment, self.pad = int(batch_size), bool(train), bool(augment), int(pad)
         self.seed, self.views, self.drop_last = int(seed), views, bool(drop_last)
         self.rank, self.world = int(rank), int(world)
+        self.mix, self.teacher_view = check_mix(mix), check_teacher_view(teacher_view)
         self.epoch = 0
         self.sampler = self  # Lightning calls `dataloader.sampler.set_epoch(epoch)` on anything that has it
         self.batch_sampler = None  # (and reads these two, as of a DataLoader, to judge shuffling)
@@ -87,16 +93,41 @@ class DeviceBatches:
         n = math.ceil(self.images.shape[0] / self.world)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _view(self, idx: torch.Tensor, view: int, stream: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(images, partner labels, lam) of one stream's view of samples `idx`: shifted, flipped, mixed."""
+        seed = stream_seed(self.seed, stream)
+        x = self._augment(idx, seed, view)
+        if not self.mix.active:
+            return x, None, None
+        draws = draw_mix(self.mix, self.seed, view, idx, self.images.shape[0], tuple(x.shape[-2:]), stream)
+        partner = draws.partner.to(self.device)
+        return mix_batch(x, self._augment(partner, seed, view), draws), self.labels[partner], \
+            draws.lam.to(self.device)
+
+    def _augment(self, idx: torch.Tensor, seed: int, view: int) -> torch.Tensor:
+        x = self.images[idx].float().div_(255)
+        if self.augment:
+            x = shift_and_flip(x, sample_hash(seed, view, idx), self.pad)
+        return (x - self.mean) / self.std
+
+    def __iter__(self) -> Iterator:
         order = self._order().to(self.device)
         view = view_of(self.epoch, self.views)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size]
-            x = self.images[idx].float().div_(255)
-            if self.train and self.augment:
-                x = shift_and_flip(x, sample_hash(self.seed, view, idx), self.pad)
-            x = (x - self.mean) / self.std
-            if self.train:
-                yield x, self.labels[idx], idx, torch.full_like(idx, view)
-            else:
-                yield x, self.labels[idx]
+            if not self.train:
+                x = self.images[idx].float().div_(255)
+                yield (x - self.mean) / self.std, self.labels[idx]
+                continue
+            x, partner_labels, lam = self._view(idx, view, 0)
+            views = torch.full_like(idx, view)
+            record = {"images": x, "labels": self.labels[idx], "index": idx, "view": views, "teacher_view": views}
+            if partner_labels is not None:
+                record.update(partner_labels=partner_labels, lam=lam)
+            if self.teacher_view == "independent":
+                record["teacher_images"] = self._view(idx, view, TEACHER_STREAM)[0]
+            elif self.teacher_view == "fixed":
+                clean = self.images[idx].float().div_(255)
+                record["teacher_images"] = (clean - self.mean) / self.std
+                record["teacher_view"] = torch.zeros_like(idx)
+            yield record

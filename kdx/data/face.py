@@ -22,9 +22,31 @@ from torch.utils.data import DataLoader, Dataset
 from kdx.configs import as_hw
 from kdx.data.base import KdxDataModule
 from kdx.data.face_formats import Pair, build_verification_pairs, load_pairs, read_verification_bin, write_pairs_file
-from kdx.data.images import IMAGE_EXTENSIONS, decode_image, list_identity_folder
+from kdx.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file, list_identity_folder, open_image
 from kdx.data.recordio import RecordFaceDataset
+from kdx.data.unlabeled import UNLABELED
 from kdx.errors import ConfigError, DataError
+
+
+def readable_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, key: str = "data.crops") -> list[Path]:
+    """Every readable image under `folder` (flat or nested), sorted; unreadable files are skipped with one warning,
+    and a folder without a readable image is a DataError naming it."""
+    if not folder.is_dir():
+        raise DataError(f"{key}={folder} is not a folder; point it at a folder of face crops")
+    files = sorted(p for p in folder.rglob("*") if is_image_file(p, extensions))
+    readable, bad = [], []
+    for p in files:
+        try:
+            open_image(p)
+            readable.append(p)
+        except DataError:
+            bad.append(p)
+    if not readable:
+        raise DataError(f"{key}={folder} holds no readable image ({len(files)} image files, {len(bad)} unreadable; "
+                        f"extensions {', '.join(extensions)}); point it at a folder of face crops")
+    if bad:
+        warnings.warn(f"{key}: {len(bad)} unreadable image(s) skipped, e.g. {bad[0]}", stacklevel=2)
+    return readable
 
 
 class FaceTransform:
@@ -69,6 +91,12 @@ class FaceImageDataset(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         return self.transform(path), label
+
+    def without_augmentation(self) -> "FaceImageDataset":
+        """The same faces, never flipped (the clean view)."""
+        t = self.transform
+        return FaceImageDataset(self.samples, FaceTransform(t.size, t.in_chans, t.mean.flatten().tolist(),
+                                                            t.std.flatten().tolist(), flip=False))
 
 
 class VerificationPairsDataset(Dataset):
@@ -123,16 +151,23 @@ class FaceFolderDataModule(KdxDataModule):
                  std: float | Sequence[float] = 0.5, train_flip: bool = True, pairs_file: str | None = None,
                  seed: int = 0, extensions: Sequence[str] = IMAGE_EXTENSIONS, pin_memory: bool = False,
                  test_identities: float | int | None = None, num_test_pairs: int | None = None,
-                 sampler: str | None = None):
+                 sampler: str | None = None, labels: bool = True, crops: str | None = None,
+                 mix: dict | None = None, teacher_view: str = "consistent"):
         """`val_identities`: held-out fraction (0 < f < 1) or count; `num_val_pairs`: pairs built from them.
 
         `test_identities` (fraction or count, default None): hold out a second, disjoint set of identities
         whose `num_test_pairs` pairs form the test split, so the checkpoint picked on validation is scored
         on faces neither training nor model selection saw. None: the test split reuses the validation pairs.
         `sampler`: None (shuffle) or "balanced" (every training identity equally likely per draw).
+
+        Label-free training (distillation from a teacher's embeddings, no identity label ever seen):
+        `labels=False` keeps the training identities' images but gives each the label -1; `crops=DIR` trains on
+        every image under DIR instead (a flat or nested folder of face crops; any folder names are ignored), and
+        `root`'s identities are used for the held-out verification pairs only.
+        `mix` / `teacher_view`: batch mixing and the teacher's view (kdx.data.mixing).
         """
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         eval_batch_size=eval_batch_size, sampler=sampler)
+                         eval_batch_size=eval_batch_size, sampler=sampler, mix=mix, teacher_view=teacher_view)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.val_identities = val_identities
@@ -146,6 +181,11 @@ class FaceFolderDataModule(KdxDataModule):
         self.pairs_file = Path(pairs_file).expanduser() if pairs_file else None
         self.seed = int(seed)
         self.extensions = tuple(extensions)
+        self.labels = bool(labels)
+        self.crops = Path(crops).expanduser() if crops else None
+        if (self.crops is not None or not self.labels) and sampler:
+            raise ConfigError("data.sampler=balanced draws identities equally often, but label-free training "
+                              "(data.labels=false or data.crops) has no identities; set data.sampler=null")
         self._split_done = False
         FaceTransform(self.image_size, self.in_chans, mean, std)  # validate options early
 
@@ -186,7 +226,10 @@ class FaceFolderDataModule(KdxDataModule):
         train = sorted(names[i] for i in order[k + k_test:])
         self._train_identities, self._held_out_identities, self._test_identities = train, held, test_held
         self.class_names = list(train)
-        self.train_samples = [(p, label) for label, name in enumerate(train) for p in identities[name]]
+        self.train_samples = [(p, label if self.labels else UNLABELED) for label, name in enumerate(train)
+                              for p in identities[name]]
+        if self.crops is not None:
+            self.train_samples = [(str(p), UNLABELED) for p in readable_images(self.crops, self.extensions)]
         if self.pairs_file is not None:
             pairs = load_pairs(self.pairs_file, root=self.root)
             train_dirs = {str((self.root / n).resolve()) for n in train}
@@ -267,7 +310,8 @@ class FaceFolderDataModule(KdxDataModule):
         """Sizes, shapes and the identity split, for results.json and logs."""
         self._prepare_split()
         out = super().describe()
-        out.update(identities_train=len(self._train_identities), identities_held_out=len(self._held_out_identities),
+        out.update(identities_train=0 if self.crops is not None else len(self._train_identities),
+                   train_labels=self.labels and self.crops is None, identities_held_out=len(self._held_out_identities),
                    val_pairs=len(self._pairs), val_same=sum(p[2] for p in self._pairs), root=str(self.root))
         if self._test_identities:
             out.update(identities_test=len(self._test_identities), test_pairs=len(self._test_pairs))

@@ -19,6 +19,11 @@ class TensorImageDataset(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.augment, self.pad = augment, pad
+        self._norm = (mean, std)
+
+    def without_augmentation(self) -> "TensorImageDataset":
+        """The same images and labels, never augmented (the clean view)."""
+        return TensorImageDataset(self.images, self.labels, *self._norm, augment=False, pad=self.pad)
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from kdx.data.mixing import TEACHER_STREAM, MixSpec, check_mix, check_teacher_view, draw_one, mix_pair
+
 
 def view_of(epoch: int, views: int | None) -> int:
     """The view a sample is shown in `epoch`: the epoch itself, or cycled through `views` fixed views."""
@@ -112,6 +114,57 @@ class ViewSampler(DistributedSampler):
         return ((int(i), view) for i in super().__iter__())
 
 
-def shard_size(n: int, replicas: int, drop_last: bool) -> int:
-    """Samples per rank of a ViewSampler over `n` samples (as DistributedSampler counts them)."""
-    return n // replicas if drop_last and n % replicas else math.ceil(n / replicas)
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of an independent stream of views (stream 0 is the run's seed itself)."""
+    return int(seed) if stream == 0 else view_seed(seed, -0x7EAC, stream) & 0x7FFFFFFF
+
+
+class ViewRecords(Dataset):
+    """`records[(index, view)]` is one training record (kdx.data.batch): the sample's seeded view, mixed with
+    a partner when `mix` is on, and the teacher's image when `teacher_view` is not `consistent`.
+
+    Every random choice is a function of (seed, view, index): the augmentation (SeededViewDataset), the
+    mixing partner, lambda and box (kdx.data.mixing.draw_one); an `independent` teacher's view and mix come
+    from stream 1 of the same seed; a `fixed` teacher sees `clean[index]` (the image without augmentation).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, mix: MixSpec | None = None,
+                 teacher_view: str = "consistent", clean: Dataset | None = None) -> None:
+        self.mix = check_mix(mix)
+        self.teacher_view = check_teacher_view(teacher_view)
+        self.seed = int(seed)
+        self.student = SeededViewDataset(dataset, self.seed)
+        self.teacher = SeededViewDataset(dataset, stream_seed(self.seed, TEACHER_STREAM)) \
+            if self.teacher_view == "independent" else None
+        if self.teacher_view == "fixed" and clean is None:
+            raise ValueError("teacher_view='fixed' needs the dataset without augmentation (clean)")
+        self.clean = clean
+
+    def __len__(self) -> int:
+        return len(self.student)
+
+    def _view(self, views: SeededViewDataset, stream: int, index: int, view: int) -> tuple[torch.Tensor, int, int, float]:
+        """(image, label, partner label, lam) of one stream: the seeded view, mixed when mixing is on."""
+        image, label = views[(index, view)][:2]
+        if not self.mix.active:
+            return image, int(label), int(label), 1.0
+        partner, lam, box, cut = draw_one(self.mix, self.seed, view, index, len(views), tuple(image.shape[-2:]), stream)
+        if lam >= 1.0:
+            return image, int(label), int(label), 1.0
+        other, other_label = views[(partner, view)][:2]
+        return mix_pair(image, other, lam, box, cut), int(label), int(other_label), lam
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index, view = key if isinstance(key, tuple) else (key, 0)
+        image, label, partner_label, lam = self._view(self.student, 0, index, view)
+        record = {"images": image, "labels": torch.tensor(label), "index": torch.tensor(int(index)),
+                  "view": torch.tensor(int(view)), "teacher_view": torch.tensor(int(view))}
+        if self.mix.active:
+            record["partner_labels"] = torch.tensor(partner_label)
+            record["lam"] = torch.tensor(lam, dtype=torch.float32)
+        if self.teacher is not None:
+            record["teacher_images"] = self._view(self.teacher, TEACHER_STREAM, index, view)[0]
+        elif self.clean is not None and self.teacher_view == "fixed":
+            record["teacher_images"] = self.clean[index][0]
+            record["teacher_view"] = torch.tensor(0)  # one clean image per sample: one stored teacher output
+        return record

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from kdx.data.base import KdxDataModule
 from kdx.distill.base import Distiller, DistillBatch, build_distiller, distiller_class
 from kdx.errors import ConfigError
 
@@ -117,12 +118,13 @@ def build_distiller_set(cfg: Mapping[str, Any], task: str = "classification") ->
     return DistillerSet(built)
 
 
-def enable_sample_indices(dm: Any, distillers: DistillerSet) -> None:
-    """Make the datamodule yield (images, labels, indices) when a method keeps per-sample state (CRD)."""
-    if "indices" not in distillers.needs:
+def require_sample_indices(dm: Any, distillers: DistillerSet) -> None:
+    """A ConfigError when a method keeps per-sample state (CRD) but the datamodule's batches name no sample.
+
+    kdx datamodules (kdx.data.KdxDataModule) always give each training sample's index (kdx.data.batch).
+    """
+    if "indices" not in distillers.needs or isinstance(dm, KdxDataModule):
         return
-    if not hasattr(dm, "train_indices"):
-        users = [n for n, d in distillers.methods.items() if "indices" in d.needs]
-        raise ConfigError(f"distillation method {users[0]!r} needs sample indices, but {type(dm).__name__} gives none; "
-                          "use a kdx datamodule (kdx.data.KdxDataModule) or another method")
-    dm.train_indices = True
+    users = [n for n, d in distillers.methods.items() if "indices" in d.needs]
+    raise ConfigError(f"distillation method {users[0]!r} needs sample indices, but {type(dm).__name__} gives none; "
+                      "use a kdx datamodule (kdx.data.KdxDataModule) or another method")

@@ -10,8 +10,10 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdx.checkpoints import plain_metadata
+from kdx.data.batch import as_train_batch
 from kdx.lit.loss_logging import LossTermsMixin
 from kdx.lit.optim import configure_optimization
+from kdx.losses.logits import mixed_cross_entropy
 from kdx.models import classifier_path
 
 
@@ -68,7 +70,12 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
                 teacher.compile()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.channels_last and isinstance(batch, (tuple, list)) and batch[0].ndim == 4:
+        if not self.channels_last:
+            return batch
+        if isinstance(batch, dict):  # a training record (kdx.data.batch): every image tensor in NHWC
+            return {k: v.contiguous(memory_format=torch.channels_last) if k.endswith("images") and v.ndim == 4 else v
+                    for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)) and batch[0].ndim == 4:
             batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
         return batch
 
@@ -80,10 +87,14 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
         refs = [getattr(self, f"_l2sp_ref_{i}") for i in range(len(params))]
         return sum(((p - r) ** 2).sum() for p, r in zip(params, refs) if p.requires_grad)
 
-    def supervised_losses(self, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named loss terms of plain supervised training: ce (+ l2sp)."""
+    def supervised_losses(self, logits: torch.Tensor, y: torch.Tensor, partner_labels: torch.Tensor | None = None,
+                          lam: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms of plain supervised training: ce (+ l2sp); mixed images (data.mix) give the
+        partner's labels and the own image's share `lam`."""
         labeled = y >= 0  # unlabeled images (label -1, kdx.data.unlabeled) count for distillation only
-        if bool(labeled.all()):
+        if partner_labels is not None and lam is not None:
+            ce = mixed_cross_entropy(logits, y, partner_labels, lam, self.label_smoothing)
+        elif bool(labeled.all()):
             ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         elif bool(labeled.any()):
             ce = F.cross_entropy(logits[labeled], y[labeled], label_smoothing=self.label_smoothing)
@@ -96,9 +107,9 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
         return terms
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        terms = self.supervised_losses(self.net(x), y)
-        return self.log_terms(terms, batch_size=y.shape[0])
+        b = as_train_batch(batch)
+        terms = self.supervised_losses(self.net(b["images"]), b["labels"], b.get("partner_labels"), b.get("lam"))
+        return self.log_terms(terms, batch_size=b["labels"].shape[0])
 
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from kdx.data.batch import TrainBatch, as_train_batch
 from kdx.distill import DistillBatch, DistillerSet, LayerTaps, build_distiller_set
 from kdx.distill.cache import CacheUnavailable, TeacherCache, cache_key, check_cache_config, teacher_fingerprint
 from kdx.errors import ConfigError
@@ -27,12 +28,6 @@ def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"distill.alpha must be a number in [0, 1], got {alpha!r}")
     return float(alpha)
-
-
-def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(images, labels, sample indices or None, views or None) of a training batch of 2, 3 or 4 items."""
-    items = list(batch) + [None] * (4 - len(batch))
-    return items[0], items[1], items[2], items[3]
 
 
 class DistillationMixin:
@@ -94,32 +89,38 @@ class DistillationMixin:
             else LayerTaps(nn.Identity())
         self._embedding_inputs = {"student": student_embedding_input, "teacher": teacher_embedding_input}
 
-    def distill_batch(self, x: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor | None,
-                      student_fn: Outputs, teacher_fn: Outputs, views: torch.Tensor | None = None) -> DistillBatch:
-        """Run teacher (first, without a graph; from the teacher cache when it has this view) and student on `x`:
-        everything the distillers read, as one dict."""
+    def distill_batch(self, batch: TrainBatch, student_fn: Outputs, teacher_fn: Outputs) -> DistillBatch:
+        """Run teacher (first, without a graph; from the teacher cache when it has this view) and student on a
+        training record (kdx.data.batch): everything the distillers read, as one dict.
+
+        The teacher sees `teacher_images` when the record has them (data.teacher_view fixed or independent),
+        else exactly the student's `images` (consistent teaching)."""
+        x, labels, indices = batch["images"], batch.get("labels"), batch.get("index")
+        teacher_x = batch.get("teacher_images", x)
+        views = batch.get("teacher_view", batch.get("view"))
         trainer = self._trainer  # None outside a Trainer (a host called by hand)
-        batch: DistillBatch = {"images": x, "epoch": int(trainer.current_epoch) if trainer is not None else 0,
-                               "max_epochs": int(trainer.max_epochs or 0) if trainer is not None else 0}
+        db: DistillBatch = {"images": x, "epoch": int(trainer.current_epoch) if trainer is not None else 0,
+                            "max_epochs": int(trainer.max_epochs or 0) if trainer is not None else 0}
         if labels is not None:
-            batch["labels"] = labels
+            db["labels"] = labels
         if indices is not None:
-            batch["indices"] = indices
+            db["indices"] = indices
         cache = getattr(self, "teacher_cache", None)
         if cache is not None and indices is not None and views is not None:
-            teacher_out, teacher_features = cache(x, indices, views, lambda xs: self._run(xs, teacher_fn, "teacher")[0]), {}
+            run_teacher = lambda xs: self._run(xs, teacher_fn, "teacher")[0]  # noqa: E731
+            teacher_out, teacher_features = cache(teacher_x, indices, views, run_teacher), {}
         else:
-            teacher_out, teacher_features = self._run(x, teacher_fn, "teacher")
+            teacher_out, teacher_features = self._run(teacher_x, teacher_fn, "teacher")
         student_out, student_features = self._run(x, student_fn, "student")
         if labels is not None and "logits" in teacher_out and bool((labels < 0).any()):
             # unlabeled images: methods that read labels (DKD) get the teacher's prediction as the label
-            batch["labels"] = torch.where(labels < 0, teacher_out["logits"].argmax(1).to(labels.dtype), labels)
+            db["labels"] = torch.where(labels < 0, teacher_out["logits"].argmax(1).to(labels.dtype), labels)
         for role, outputs, features in (("teacher", teacher_out, teacher_features),
                                         ("student", student_out, student_features)):
             for name, value in outputs.items():
-                batch[f"{role}_{name}"] = value
-            batch[f"{role}_features"] = features
-        return batch
+                db[f"{role}_{name}"] = value
+            db[f"{role}_features"] = features
+        return db
 
     def _run(self, x: torch.Tensor, fn: Outputs, role: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One network's named outputs (with the embedding read at its classifier's input) and tapped features."""
@@ -140,8 +141,8 @@ class DistillationMixin:
         self.eval()
         try:
             n = example_input.shape[0]
-            probe = self.distill_batch(example_input, torch.zeros(n, dtype=torch.long), torch.arange(n),
-                                       student_fn, teacher_fn)
+            probe = self.distill_batch({"images": example_input, "labels": torch.zeros(n, dtype=torch.long),
+                                        "index": torch.arange(n)}, student_fn, teacher_fn)
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -153,11 +154,12 @@ class DistillationMixin:
 
     def configure_teacher_cache(self, settings: Mapping[str, Any] | str | None, identity: Mapping[str, Any],
                                 seed: int, num_samples: int, max_epochs: int | None,
-                                teacher_file: str | None = None) -> TeacherCache | None:
+                                teacher_file: str | None = None, fixed_teacher: bool = False) -> TeacherCache | None:
         """Serve the teacher's outputs from a TeacherCache (`distill.teacher_cache`), or do nothing when it is off.
 
-        `identity` describes the data source and its transforms; with the teacher's weights, the seed and the
-        view scheme it names the store. The datamodule must give seeded views (see kdx.data.views).
+        `identity` describes the data source and its transforms (mixing and the teacher's view included); with
+        the teacher's weights, the seed and the view scheme it names the store. The datamodule must give seeded
+        views (see kdx.data.views). `fixed_teacher`: the teacher sees one clean image per sample (one stored view).
         """
         settings = check_cache_config(settings)
         self.teacher_cache = None
@@ -166,7 +168,7 @@ class DistillationMixin:
         if self.distillers.teacher_layers():
             raise ConfigError(f"distill.teacher_cache stores outputs only, but the methods read teacher layers "
                               f"{self.distillers.teacher_layers()}; set distill.teacher_cache.mode=off")
-        views = settings["views"]
+        views = 1 if fixed_teacher else settings["views"]
         if not views and not (max_epochs and max_epochs > 0):
             raise ConfigError("distill.teacher_cache with a new view every epoch needs trainer.max_epochs; set it, "
                               "or set distill.teacher_cache.views=K")
@@ -236,10 +238,10 @@ class DistillationModule(DistillationMixin, ClassifierModule):
         return {"logits": self.teacher_forward(x)}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, indices, views = split_batch(batch)
-        db = self.distill_batch(x, y, indices, self._student_outputs, self._teacher_outputs, views)
-        own = self.supervised_losses(db["student_logits"], y)
-        return self.log_terms(self.mix_losses(own, self.distillation_losses(db)), batch_size=y.shape[0])
+        b = as_train_batch(batch)
+        db = self.distill_batch(b, self._student_outputs, self._teacher_outputs)
+        own = self.supervised_losses(db["student_logits"], b["labels"], b.get("partner_labels"), b.get("lam"))
+        return self.log_terms(self.mix_losses(own, self.distillation_losses(db)), batch_size=b["labels"].shape[0])
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The student's groups, plus the distillers' trainable parts (connectors, heads) at the base lr."""
@@ -270,4 +272,5 @@ def apply_teacher_cache(module: DistillationMixin, dm: Any, data_cfg: Mapping[st
     identity = {"data": {k: v for k, v in dict(data_cfg).items() if k not in LOADER_KEYS},
                 "sizes": dm.describe(), "teacher": dict(teacher_spec or {})}
     dm.seeded_views, dm.view_count, dm.view_seed = True, settings["views"], int(seed)
-    module.configure_teacher_cache(settings, identity, int(seed), len(dm.train_set), max_epochs, teacher_file)
+    module.configure_teacher_cache(settings, identity, int(seed), len(dm.train_set), max_epochs, teacher_file,
+                                   fixed_teacher=getattr(dm, "teacher_view", "consistent") == "fixed")

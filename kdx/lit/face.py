@@ -16,7 +16,7 @@ from torch import nn
 
 from kdx.checkpoints import plain_metadata
 from kdx.errors import ConfigError, DataError
-from kdx.lit.distill import split_batch
+from kdx.data.batch import as_train_batch, batch_images
 from kdx.lit.loss_logging import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.losses.margin import build_margin_head, margin_loss
@@ -68,7 +68,8 @@ class FaceModule(LossTermsMixin, pl.LightningModule):
         return {"margin": margin_loss(self.head(embeddings, labels), labels)}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = split_batch(batch)[:2]
+        b = as_train_batch(batch)
+        x, y = b["images"], b["labels"]
         return self.log_terms(self.own_losses(self.embed(x), y), batch_size=y.shape[0])
 
     # ------------------------------------------------------------------ verification
@@ -108,7 +109,7 @@ class FaceModule(LossTermsMixin, pl.LightningModule):
             for batch in batches:
                 if used >= self.bn_recalibration_batches:
                     break
-                self.embed(batch[0].to(self.device))
+                self.embed(batch_images(batch).to(self.device))
                 used += 1
         finally:
             for m, momentum in zip(bns, momenta):

@@ -9,7 +9,8 @@ from torch import nn
 
 from kdx.distill import DistillerSet
 from kdx.distill.teachers import FaceTeacher
-from kdx.lit.distill import DistillationMixin, split_batch
+from kdx.data.batch import as_train_batch
+from kdx.lit.distill import DistillationMixin
 from kdx.lit.face import FaceModule
 
 
@@ -55,8 +56,9 @@ class FaceDistillationModule(DistillationMixin, FaceModule):
         return out if self.wants_logits else {"embedding": out["embedding"]}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, indices, views = split_batch(batch)
-        db = self.distill_batch(x, y, indices, self._student_outputs, self.teacher_outputs, views)
-        own = self.own_losses(db["student_embedding"], y)
+        b = as_train_batch(batch)
+        db = self.distill_batch(b, self._student_outputs, self.teacher_outputs)
+        y = b["labels"]
+        own = self.own_losses(db["student_embedding"], y) if self.distill_alpha < 1 else {}
         return self.log_terms(self.mix_losses(own, self.distillation_losses(db), hard_keys=("margin",)),
                               batch_size=y.shape[0])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdx.data.batch import as_train_batch
 from kdx.errors import ConfigError
 from kdx.checkpoints import plain_metadata
 from kdx.lit.optim import configure_optimization
@@ -57,7 +58,8 @@ class LinearProbeModule(LossTermsMixin, pl.LightningModule):
         return F.cross_entropy(logits, y)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch[0], batch[1]
+        b = as_train_batch(batch)
+        x, y = b["images"], b["labels"]
         loss = self.probe_loss(self(x), y)
         self.check_finite_terms({"probe": loss}, loss)  # a NaN/inf loss stops the run (kdx.lit.loss_logging)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])

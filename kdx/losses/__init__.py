@@ -14,7 +14,7 @@ from kdx.losses.face import (
     relational_kd_loss,
 )
 from kdx.losses.logits import (bce_soft_loss, check_temperature, dist_loss, dkd_loss, kd_loss, logit_mse_loss,
-                               logit_standardize)
+                               logit_standardize, mixed_cross_entropy)
 from kdx.losses.relations import pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
 from kdx.losses.margin import (MARGIN_PRESETS, CombinedMarginHead, arcface_head, build_margin_head, cosface_head,
                                margin_loss, normsoftmax)
@@ -25,6 +25,7 @@ __all__ = [
     "margin_loss", "normsoftmax", "relational_kd_loss",
     "attention_map", "attention_transfer_loss", "bce_soft_loss", "check_temperature",
     "dist_loss", "dkd_loss", "fitnet_loss", "kd_loss", "logit_mse_loss", "logit_standardize",
+    "mixed_cross_entropy",
     "ContrastMemory", "crd_loss", "crd_nce_loss", "hcl_loss", "pkt_loss", "rkd_angle_loss", "rkd_distance_loss",
     "rkd_loss", "sp_loss", "vid_loss",
 ]

@@ -32,6 +32,25 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl.mean() * (T * T)
 
 
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of mixed images (mixup/cutmix, Zhang et al. 2018; Yun et al. 2019): per sample
+    lam * CE(labels) + (1 - lam) * CE(partner_labels), batch mean.
+
+    A sample whose own label or (when mixed, lam < 1) partner's label is unlabeled (-1) has no full target and
+    is left out; with none left the loss is 0 (keeping the graph).
+    """
+    lam = lam.to(logits.device, torch.float32)
+    usable = (labels >= 0) & ((partner_labels >= 0) | (lam >= 1))
+    if not bool(usable.any()):
+        return logits.sum() * 0.0
+    logits, lam = logits[usable].float(), lam[usable]
+    own = F.cross_entropy(logits, labels[usable], reduction="none", label_smoothing=label_smoothing)
+    other = F.cross_entropy(logits, partner_labels[usable].clamp_min(0), reduction="none",
+                            label_smoothing=label_smoothing)
+    return (lam * own + (1 - lam) * other).mean()
+
+
 def logit_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean squared error between raw logits, mean over batch and classes (Ba & Caruana 2014; no temperature)."""
     return F.mse_loss(student_logits.float(), teacher_logits.float())

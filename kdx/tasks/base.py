@@ -40,6 +40,7 @@ class Task:
     distills: ClassVar[bool] = False
     learns_from_unlabeled: ClassVar[bool] = False  # may the data add images without labels (data.use_unlabeled)
     kind: ClassVar[str] = "classification"  # or "face": what the datamodule yields and the comparison scores
+    learns_from_mixed: ClassVar[bool] = False  # can its loss read mixed images (data.mix: partner labels and lam)
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -51,6 +52,14 @@ class Task:
         if not self.learns_from_unlabeled and (data.get("use_unlabeled") or data.get("unlabeled")):
             raise ConfigError(f"data.use_unlabeled / data.unlabeled add images without labels, which only distillation "
                               f"can learn from; drop them for task={self.name}, or use task=distill")
+        mix = dict(data.get("mix") or {})
+        if mix.get("mode") not in (None, "off", False) and not self.learns_from_mixed:
+            raise ConfigError(f"data.mix.mode={mix.get('mode')} mixes images, which task={self.name} cannot learn from; "
+                              "set data.mix.mode=off (mixing is for task=supervised, distill, and face_distill with "
+                              "distill.alpha=1)")
+        if data.get("teacher_view", "consistent") != "consistent" and not self.distills:
+            raise ConfigError(f"data.teacher_view={data.get('teacher_view')} chooses what a teacher sees, and "
+                              f"task={self.name} has no teacher; set data.teacher_view=consistent")
 
     def create(self, dm: Any) -> Built:
         """Check the run, tie the datamodule's seeded views to the run's seed, and build the module."""

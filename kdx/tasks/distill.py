@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdx.configs import to_dict
-from kdx.distill import build_distiller_set, enable_sample_indices
+from kdx.distill import build_distiller_set, require_sample_indices
 from kdx.errors import ConfigError
 from kdx.lit import DistillationModule
 from kdx.lit.distill import apply_teacher_cache
@@ -50,7 +50,7 @@ class DistillTask(SupervisedTask):
     def build(self, dm) -> Built:
         host, methods = split_host_keys(to_dict(self.cfg.distill))
         distillers = build_distiller_set(methods, task="classification")
-        enable_sample_indices(dm, distillers)
+        require_sample_indices(dm, distillers)
         net, meta = self.trained_network(dm)
         teacher_spec = model_spec(self.cfg, "teacher")
         teacher, _ = build_network(teacher_spec, dm.num_classes, dm.in_chans)

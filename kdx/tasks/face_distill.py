@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kdx.configs import to_dict
-from kdx.distill import build_distiller_set, enable_sample_indices
+from kdx.distill import build_distiller_set, require_sample_indices
 from kdx.distill.teachers import FaceTeacher, build_face_teacher
 from kdx.errors import ConfigError, KdxError
 from kdx.lit import FaceDistillationModule
@@ -55,9 +55,19 @@ class FaceDistillTask(FaceTask):
     name = "face_distill"
     Options = FaceDistillOptions
     distills = True
+    learns_from_mixed = True  # with distill.alpha = 1 only: the margin loss reads one identity per image
 
     def check(self) -> None:
         super().check()
+        alpha = self.cfg.distill.get("alpha", 0.5)
+        mix = dict(self.cfg.data.get("mix") or {})
+        if mix.get("mode") not in (None, "off", False) and alpha != 1:
+            raise ConfigError(f"data.mix.mode={mix.get('mode')} mixes faces, but the margin loss (distill.alpha={alpha} "
+                              "< 1) needs one identity per image; set distill.alpha=1 (label-free distillation) or "
+                              "data.mix.mode=off")
+        if self.cfg.data.get("labels", True) is False and alpha != 1:
+            raise ConfigError(f"data.labels=false hides the identity labels, so the margin loss has nothing to learn "
+                              f"from (distill.alpha={alpha}); set distill.alpha=1")
         teacher = model_spec(self.cfg, "teacher")
         if not teacher.ckpt and not teacher.pretrained and not teacher.onnx:
             raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding "
@@ -70,7 +80,7 @@ class FaceDistillTask(FaceTask):
         net, meta = self.face_network(dm)
         host, methods = split_host_keys(to_dict(self.cfg.distill))
         distillers = build_distiller_set(methods, task="face")
-        enable_sample_indices(dm, distillers)
+        require_sample_indices(dm, distillers)
         spec = model_spec(self.cfg, "teacher")
         teacher = build_face_teacher(vars(spec), data_mean=getattr(dm, "mean", 0.5), data_std=getattr(dm, "std", 0.5))
         example = probe_teacher(teacher, dm, spec)

@@ -51,6 +51,7 @@ class SupervisedTask(Task):
 
     name = "supervised"
     Options = ClassifierOptions
+    learns_from_mixed = True
 
     def classifier_kwargs(self, meta: dict[str, Any]) -> dict[str, Any]:
         """ClassifierModule's arguments from the task options and the optim section."""
