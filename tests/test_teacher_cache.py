@@ -79,9 +79,10 @@ def test_a_damaged_entry_is_recomputed_never_served(tmp_path):
     x, i, v = _batch([0, 1, 2], [0, 0, 0])
     cache = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
     good = cache(x, i, v, teacher)["logits"]
-    rows = cache.data["logits"]
-    rows[1] = np.float16(1234.0)  # a torn or flipped write: the checksum no longer matches
-    rows.flush()
+    path = tmp_path / "k" / "out-logits.bin"
+    raw = bytearray(path.read_bytes())  # a torn or flipped write in entry 1: the checksum no longer matches
+    raw[cache.data["logits"].row_bytes + 2] ^= 0x40
+    path.write_bytes(bytes(raw))
     reopened = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
     before = teacher.rows
     served = reopened(x, i, v, teacher)["logits"]
@@ -93,7 +94,8 @@ def test_an_abandoned_claim_is_taken_over(tmp_path):
     teacher = CountingTeacher()
     cache = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
     gone = 2 ** 22 + 12345  # no such process
-    cache.state[0], cache.owner[0] = CLAIMED, (gone << 32) | 0
+    cache.owner.put(0, (gone << 32) | 0)
+    cache.state.put(0, CLAIMED)
     x, i, v = _batch([0], [0])
     cache(x, i, v, teacher)
     assert teacher.rows == 1 and cache.state[0] == 1
@@ -191,7 +193,8 @@ def test_view_sampler_advances_views_per_epoch_and_shards_ranks():
 def test_datamodule_gives_views_when_asked():
     dm = SyntheticDataModule(train_size=16, batch_size=8, seeded_views=True, views=3)
     dm.setup()
-    x, y, idx, views = next(iter(dm.train_dataloader()))
+    _b = next(iter(dm.train_dataloader()))
+    x, y, idx, views = _b["images"], _b["labels"], _b["index"], _b["view"]
     assert x.shape[0] == 8 and views.tolist() == [0] * 8 and len(set(idx.tolist())) == 8
 
 
@@ -274,3 +277,167 @@ def test_seeded_views_also_seed_python_and_numpy_when_the_dataset_uses_them():
                                                  [0.5], [0.5], augment=True))
     plain[(0, 0)]
     assert not plain.seed_numpy and not plain.seed_python  # torch-only augmentation: the cheap path
+
+
+# --------------------------------------------------------------------------- damage, extreme values, full disks
+@pytest.mark.parametrize("content", [b"", b"{\"key\": \"k\", \"num_sam", b"\xff\xfe\x00", b"[1, 2]"])
+def test_a_damaged_or_empty_meta_json_rebuilds_the_store_with_one_warning(tmp_path, content):
+    teacher = CountingTeacher()
+    x, i, v = _batch([0, 1, 2], [0, 0, 0])
+    first = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
+    served = first(x, i, v, teacher)["logits"]
+    (tmp_path / "k" / "meta.json").write_bytes(content)  # what a crash or a full disk leaves behind
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
+        rebuilt = again(x, i, v, teacher)["logits"]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "meta.json cannot be read" in messages[0] and "rebuilt" in messages[0], messages
+    assert teacher.rows == 6 and again.hits == 0  # nothing of the old store is served
+    torch.testing.assert_close(rebuilt, served, rtol=0, atol=0)
+    meta = (tmp_path / "k" / "meta.json").read_text()
+    assert '"key": "k"' in meta and not list((tmp_path / "k").glob("*.tmp"))
+    third = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)  # and the rebuilt store serves
+    third(x, i, v, teacher)
+    assert third.hits == 3 and teacher.rows == 6
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_finite_teacher_outputs_beyond_float16_range_stay_finite(tmp_path, mode):
+    class Huge:
+        rows = 0
+
+        def __call__(self, x):
+            self.rows += x.shape[0]
+            scale = torch.tensor([1.0, -3e5, 7e4, 2e9, 1e-3])  # beyond float16's +-65504, as a face net's outputs
+            return {"logits": x[:, :5] * scale}
+
+    teacher = Huge()
+    x, i, v = _batch([1, 2, 3], [0, 0, 0])
+    truth = teacher(x)["logits"]
+    cache = TeacherCache("k", 4, 1, {"logits": 5}, mode=mode, root=tmp_path)
+    cold = cache(x, i, v, teacher)["logits"]
+    warm = cache(x, i, v, teacher)["logits"]
+    assert cache.hits == 3
+    for served in (cold, warm):
+        assert torch.isfinite(served).all()
+        torch.testing.assert_close(served, truth, rtol=1e-3, atol=1e-3)  # float16's relative precision
+    torch.testing.assert_close(cold, warm, rtol=0, atol=0)
+    small = _batch([0], [0])  # a row within float16's range is stored as before: plain float16
+    torch.testing.assert_close(cache(*small, teacher)["logits"], teacher(small[0])["logits"].half().float())
+    # the KD loss on cached outputs stays finite (it became NaN when such rows were stored as +-inf)
+    from kdx.losses import kd_loss
+
+    assert torch.isfinite(kd_loss(torch.zeros_like(warm), warm, temperature=4.0))
+
+
+def test_topk_rows_keep_class_indices_beyond_2048_exact():
+    width, k = 5000, 3
+    logits = torch.full((1, width), -5.0)
+    logits[0, [4097, 2049, 4999]] = torch.tensor([9.0, 8.0, 7.0])
+    cache = TeacherCache("k", 1, 1, {"logits": width}, mode="memory", topk=k)
+    x, i, v = _batch([0], [0])
+    cache(x, i, v, lambda _: {"logits": logits})
+    served = cache(x, i, v, lambda _: {"logits": logits})["logits"]
+    assert cache.hits == 1
+    assert served[0].topk(3).indices.tolist() == [4097, 2049, 4999]  # float16 would have stored 4096, 2048, 5000
+
+
+def test_a_claim_of_a_killed_process_not_yet_reaped_is_taken_over_at_once(tmp_path):
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+            time.sleep(0.01)
+        cache = TeacherCache("k", 2, 1, {"logits": 5}, mode="disk", root=tmp_path)
+        cache.owner.put(0, (pid << 32) | int(time.time() % 2 ** 32))
+        cache.state.put(0, CLAIMED)
+        assert cache._claim_is_stale(0)  # the zombie answers os.kill(pid, 0), yet it will never write
+    finally:
+        os.waitpid(pid, 0)
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the full-disk case is not tested here")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); full disk not tested")
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+FILL_STORE = """
+import sys, warnings
+import torch
+from kdx.distill.cache import TeacherCache
+
+warnings.simplefilter("always")
+cache = TeacherCache("k", 2048, 1, {"logits": 1000}, mode="disk", root=sys.argv[1])  # 4 MB of rows, 1 MB disk
+g = torch.Generator().manual_seed(0)
+for start in range(0, 2048, 64):
+    idx = torch.arange(start, start + 64)
+    x = torch.randn(64, 1000, generator=g)
+    out = cache(x, idx, torch.zeros(64, dtype=torch.long), lambda xs: {"logits": xs * 2})["logits"]
+    assert torch.allclose(out, x * 2, rtol=1e-3, atol=1e-3)
+print("writable", cache.writable, "served", cache.hits + cache.misses)
+"""
+
+
+def test_a_full_disk_under_the_store_stops_storing_with_one_warning_not_a_sigbus(tmp_path):
+    """A real 1 MB tmpfs: rows were stored through a mapping of a sparse file, which killed the process with
+    SIGBUS once the filesystem was full; now the writes raise ENOSPC, storing stops and the process goes on."""
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "1m")
+    try:
+        done = subprocess.run([sys.executable, "-c", FILL_STORE, str(disk)], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        _umount(disk)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "writable False served 2048" in done.stdout
+    assert done.stderr.count("the disk is full; the teacher is computed from now on without storing") == 1, done.stderr
+
+
+def test_a_run_whose_cache_disk_is_full_completes_with_one_warning(synthetic_teacher, tmp_path):
+    """kdx-train in its own process, its teacher cache on a tmpfs with one page left: the run completes."""
+    from conftest import run_cli
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "256k")
+    try:
+        n = 0
+        try:  # fill the filesystem page by page, then free exactly one page (for the store's meta.json)
+            while True:
+                (disk / f"fill{n}").write_bytes(b"x" * 4096)
+                n += 1
+        except OSError:
+            (disk / f"fill{n}").unlink(missing_ok=True)
+        (disk / "fill0").unlink()
+        done = run_cli("kdx-train", "experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}",
+                       "trainer.max_epochs=1", "trainer.progress_bar=none", "data.train_size=64",
+                       "distill.teacher_cache.mode=disk", f"distill.teacher_cache.dir={disk}",
+                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=240)
+    finally:
+        _umount(disk)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    assert done.stderr.count("the disk is full") == 1, done.stderr[-3000:]
+    import json
+
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
