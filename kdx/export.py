@@ -103,7 +103,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_export_network(ckpt_path: str | Path, input_size: Sequence[int] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_export_network(ckpt_path: str | Path, input_size: Sequence[int] | None = None,
+                        model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(network in eval mode, description) of a kdx checkpoint: a classifier or a face embedding net.
 
     The description holds task, architecture, input shape (C, H, W), output name, class names and the
@@ -123,12 +124,12 @@ def load_export_network(ckpt_path: str | Path, input_size: Sequence[int] | None 
                               f"checkpoint written by kdx-train (<run>/checkpoints/best.ckpt)")
     if "embedding_model" in meta:  # a face run: the embedding network, without its margin head
         spec = meta["embedding_model"]
-        net = load_embedding_model(path)
+        net = load_embedding_model(path, model_name)
         task, arch, output = "face", str(spec.get("name")), "embedding"
         in_chans = int(spec.get("in_chans", 3))
         size = input_size if input_size is not None else spec.get("input_size", getattr(net, "input_size", None))
     else:
-        net, meta = load_network(path)
+        net, meta = load_network(path, model_name=model_name)
         task, arch, output = "classification", str(meta["model_name"]), "logits"
         in_chans = int(meta.get("in_chans", 3))
         size = input_size if input_size is not None else meta.get("image_size")
@@ -215,8 +216,10 @@ def _check_batches(shape: Sequence[int], dynamic_batch: bool, seed: int) -> list
 def export_network(ckpt_path: str | Path, out_path: str | Path, format: str = "onnx", opset: int = 17,
                    dynamic_batch: bool = True, check: bool = True, atol: float = DEFAULT_ATOL,
                    rtol: float = DEFAULT_RTOL, overwrite: bool = False, input_size: Sequence[int] | None = None,
-                   seed: int = 0, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   seed: int = 0, log: Callable[[str], None] | None = None,
+                   model_name: str | None = None) -> dict[str, Any]:
     """Export the network of a kdx checkpoint to `out_path` (ONNX or TorchScript), check it, write `<out>.json`.
+    `model_name`: the network's import path when the checkpoint records one (kdx.checkpoints.checked_model_name).
 
     Returns the report: paths, sizes in bytes, max_abs_diff between torch and the export over random batches,
     top-1 agreement (classifiers), opset. The check accepts max_abs_diff <= atol + rtol * max |torch output|.
@@ -243,7 +246,7 @@ def export_network(ckpt_path: str | Path, out_path: str | Path, format: str = "o
             if existing.exists():
                 raise ExportExistsError(f"output {existing} already exists; choose another name, or replace it "
                                         f"with --overwrite (overwrite=True in Python)")
-    net, desc = load_export_network(ckpt_path, input_size)
+    net, desc = load_export_network(ckpt_path, input_size, model_name)
     say = log or (lambda _msg: None)
     shape = desc["input_shape"]
     example = torch.randn(EXPORT_BATCH, *shape, generator=torch.Generator().manual_seed(seed + 1))
@@ -362,6 +365,9 @@ def export_main(argv: list[str] | None = None) -> int:
                    f"(default atol {DEFAULT_ATOL:g})")
     p.add_argument("--rtol", default=str(DEFAULT_RTOL), help=f"see --atol (default {DEFAULT_RTOL:g})")
     p.add_argument("--no-check", action="store_true", help="skip running the export against torch")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the network's import path (my_nets:TinyNet) when the checkpoint records one: a file never "
+                        "chooses a module to import, so you name it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new one is checked)")
     args = p.parse_args(argv)
     jobs = ([(args.out, args.format if args.format is not None else format_for(args.out))] if args.out else []) + \
@@ -385,7 +391,8 @@ def export_main(argv: list[str] | None = None) -> int:
         for out, fmt in jobs:
             reports.append(export_network(args.ckpt, out, format=fmt, opset=opset,
                                           dynamic_batch=not args.static_batch, check=not args.no_check, **tolerances,
-                                          overwrite=args.overwrite, input_size=args.input_size))
+                                          overwrite=args.overwrite, input_size=args.input_size,
+                                          model_name=args.model_name))
     except ExportCheckError as e:
         print(f"kdx-export: error: {e}", file=sys.stderr)
         return 1

@@ -111,7 +111,9 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
         ckpt = (result.get("checkpoints") or {}).get("best")
         if not ckpt:
             continue
-        net, meta = load_network(ckpt)
+        scfg = stage_cfgs.get(name)
+        given = (scfg.get(scfg.task.get("network", "student")) or {}).get("name") if scfg is not None else None
+        net, meta = load_network(ckpt, model_name=given)
         models.append((STAGE_LABELS.get(name, name), meta["model_name"], net))
     opts = to_dict(cfg.pipeline.get("compare") or {})
     robust = opts.get("robustness") or {}

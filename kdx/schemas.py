@@ -234,6 +234,16 @@ def check_arguments(values: Mapping[str, Any] | None, target: Callable, prefix: 
 
 
 # --------------------------------------------------------------------------- the sections every run has
+_CONFIGURED_MODEL_NAMES: set[str] = set()
+
+
+def configured_model_names() -> frozenset[str]:
+    """The model names that a `teacher`/`student` section of a config checked in this process gave: the only
+    import paths (`my_nets:TinyNet`) that a checkpoint naming one may have built (kdx.checkpoints), since a
+    file must never choose a module to import."""
+    return frozenset(_CONFIGURED_MODEL_NAMES)
+
+
 @dataclass
 class ModelSpec:
     """`teacher` / `student`: a network by registry name, with optional weights."""
@@ -245,6 +255,10 @@ class ModelSpec:
     onnx: Optional[str] = None           # face teachers: an .onnx embedding model (or `sface`)
     preprocess: Optional[Dict[str, Any]] = None  # face teachers: what the ONNX model expects
     device: Optional[str] = None         # face teachers: where onnxruntime runs
+
+    def __post_init__(self) -> None:
+        if isinstance(self.name, str) and self.name:
+            _CONFIGURED_MODEL_NAMES.add(self.name)  # given by the user's config or command line
 
 
 @dataclass

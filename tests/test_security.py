@@ -157,7 +157,8 @@ def test_bin_reader_refuses_code_and_still_reads_real_bins(tmp_path: Path, marke
                            [True, False])
     images, issame = read_verification_bin(good, image_size=(8, 8))
     assert images.shape == (4, 3, 8, 8) and issame.tolist() == [True, False]
-    (tmp_path / "py2.bin").write_bytes(pickle.dumps(([bytearray(jpeg_bytes("red"))] * 2, np.array([True])), protocol=2))
+    (tmp_path / "py2.bin").write_bytes(pickle.dumps(([bytearray(jpeg_bytes("red")) for _ in range(2)], np.array([True])),
+                                                    protocol=2))
     assert read_verification_bin(tmp_path / "py2.bin", image_size=(8, 8))[1].tolist() == [True]
 
 
@@ -273,3 +274,147 @@ def test_reports_escape_markdown_html_terminal_and_formulas(tmp_path: Path) -> N
             float(cell)  # only numbers may start with a minus sign
     assert "'@SUM(A1:A9)" in cells and "-0.25" in cells
     assert any(c.startswith("'-2+3") for c in cells)
+
+
+# --------------------------------------------------------------------------- a file never chooses what is imported
+EVIL_MODULE = """
+from pathlib import Path
+import torch.nn as nn
+
+Path({marker!r}).write_text("module imported")
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=4, in_chans=3, embedding_size=8, input_size=8):
+        super().__init__()
+        self.fc = nn.Linear(in_chans, num_classes)
+        self.embedding_size = embedding_size
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+"""
+
+
+def _module_checkpoint(path: Path, name: str, face: bool = False) -> Path:
+    """A checkpoint whose metadata names `name` as its network (weights of a 3->4 linear layer)."""
+    state = {"net.fc.weight": torch.zeros(4, 3), "net.fc.bias": torch.zeros(4)}
+    meta = {"model_name": name, "num_classes": 4, "in_chans": 3, "network_prefix": "net.", "image_size": 8}
+    if face:
+        meta = {"task": "face", "num_classes": 4, "network_prefix": "net.",
+                "embedding_model": {"name": name, "embedding_size": 8, "in_chans": 3, "input_size": 8}}
+    torch.save({"state_dict": state, "kdx": meta}, path)
+    return path
+
+
+def test_a_checkpoint_naming_an_import_path_imports_nothing(tmp_path: Path, marker: Path, monkeypatch) -> None:
+    from kdx.checkpoints import load_embedding_model, load_face_checkpoint
+
+    (tmp_path / "evilmod.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the README's PYTHONPATH=. pattern: the module is importable
+    ckpt = _module_checkpoint(tmp_path / "c.ckpt", "evilmod:Net")
+    face = _module_checkpoint(tmp_path / "f.ckpt", "evilmod.Net", face=True)
+    for call in (lambda: load_network(ckpt), lambda: load_network(ckpt, num_classes=4),
+                 lambda: load_embedding_model(face), lambda: load_face_checkpoint(face)):
+        with pytest.raises(CheckpointError, match=r"names the model 'evilmod[:.]Net', an import path, and kdx never "
+                                                  r"imports a module that a file names; .*--model-name evilmod"):
+            call()
+    assert not marker.exists()
+    # the user names it: then it is their choice, and it is built
+    net, meta = load_network(ckpt, model_name="evilmod:Net")
+    assert marker.exists() and net(torch.zeros(1, 3, 8, 8)).shape == (1, 4)
+
+
+def test_kdx_export_and_kdx_train_refuse_a_checkpoint_naming_a_module(tmp_path: Path, marker: Path) -> None:
+    (tmp_path / "evilmod.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+    ckpt = _module_checkpoint(tmp_path / "c.ckpt", "evilmod:Net")
+    env = {"PYTHONPATH": str(tmp_path)}
+    out = run_cli("kdx-export", str(ckpt), str(tmp_path / "out.onnx"), cwd=tmp_path, env=env)
+    assert out.returncode == 2 and "--model-name evilmod:Net" in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and not marker.exists()
+    out = run_cli("kdx-train", "experiment=synthetic/kd", f"teacher.ckpt={ckpt}", "trainer.max_epochs=1",
+                  "trainer.progress_bar=none", cwd=tmp_path, env=env)
+    assert out.returncode == 2 and "teacher.name=evilmod:Net" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not marker.exists()
+    out = run_cli("kdx-export", str(ckpt), str(tmp_path / "out.pt"), "--model-name", "evilmod:Net", cwd=tmp_path,
+                  env=env)
+    assert out.returncode == 0, out.stderr[-2000:]  # named by the user: imported and exported
+    assert marker.exists()
+
+
+def test_a_checkpoint_naming_the_configured_import_path_still_loads(tmp_path: Path, monkeypatch) -> None:
+    """teacher.name=my_nets:Net with teacher.ckpt=...: the config names it, so the checkpoint may use it."""
+    from kdx.schemas import ModelSpec, check_section
+
+    (tmp_path / "trusted_nets.py").write_text(EVIL_MODULE.format(marker=str(tmp_path / "imported")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = _module_checkpoint(tmp_path / "c.ckpt", "trusted_nets:Net")
+    with pytest.raises(CheckpointError, match="import path"):
+        load_network(ckpt)
+    check_section({"name": "trusted_nets:Net", "ckpt": str(ckpt)}, ModelSpec, "teacher")
+    net, _ = load_network(ckpt, num_classes=4)
+    assert type(net).__name__ == "Net"
+
+
+# --------------------------------------------------------------------------- what a file may ask to allocate
+class _Reduce:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("ctor", [bytearray, bytes])
+def test_a_bin_asking_for_a_huge_zero_buffer_is_refused(tmp_path: Path, ctor) -> None:
+    path = tmp_path / "zeros.bin"
+    path.write_bytes(pickle.dumps(([_Reduce(ctor, 8 << 30)], [True]), protocol=2))
+    assert path.stat().st_size < 100  # a few dozen bytes asking for 8 GiB
+    with pytest.raises(DataError, match=rf"asks for {ctor.__name__}\(8589934592\), a buffer of zeros"):
+        read_verification_bin(path)
+
+
+def test_a_bin_amplified_by_memo_references_is_refused(tmp_path: Path) -> None:
+    image = jpeg_bytes("red")
+    repeated = tmp_path / "repeated.bin"  # 20,000 references to one image: 40 KB of file, 750 MB decoded
+    repeated.write_bytes(pickle.dumps(([image] * 20000, [True] * 10000), protocol=4))
+    assert repeated.stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"lists 20000 images but only 1 distinct"):
+        read_verification_bin(repeated)
+    big = b"x" * 100_000  # list(<the same 100 KB>) 2,000 times: 0.2 GB of list from a 110 KB file
+    listed = tmp_path / "listed.bin"
+    listed.write_bytes(pickle.dumps(([big] + [_Reduce(list, big) for _ in range(2000)], [True]), protocol=4))
+    assert listed.stat().st_size < 130_000
+    with pytest.raises(DataError, match="builds far more data than the file holds"):
+        read_verification_bin(listed)
+
+
+def test_a_checkpoint_with_an_absurd_class_count_is_one_sentence(tmp_path: Path) -> None:
+    net = build_model("resnet8", num_classes=4)
+    for count in (2_000_000_000, 0, -3, 2.5, "many"):
+        path = tmp_path / "absurd.ckpt"
+        torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                    "kdx": {"model_name": "resnet8", "num_classes": count, "in_chans": 3}}, path)
+        with pytest.raises(CheckpointError, match=rf"records num_classes={count!r}, which is not a whole number in "
+                                                  r"\[1, 1,000,000\]"):
+            load_network(path)
+    out = run_cli("kdx-export", str(path), str(tmp_path / "o.onnx"), cwd=tmp_path)
+    assert out.returncode == 2 and "num_classes='many'" in out.stderr and "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------- dependency floors
+def test_dependency_floors_exclude_releases_with_known_holes() -> None:
+    """torch < 2.6 runs code through weights_only loads (CVE-2025-32434); onnx < 1.21 reads symlinked external
+    data from outside the model folder (CVE-2026-27489). The floors, and what is installed, are above both."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = {(r := Requirement(d)).name: r.specifier for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]}
+    for name, fixed in (("torch", "2.6"), ("onnx", "1.21"), ("torchvision", "0.21")):
+        floors = [Version(s.version) for s in deps[name] if s.operator in (">=", "==", "~=")]
+        assert floors and min(floors) >= Version(fixed), (name, str(deps[name]))
+        assert not deps[name].contains(str(Version(fixed).release[0]) + "." + str(Version(fixed).release[1] - 1))
+        assert Version(version(name).split("+")[0]) >= Version(fixed), (name, version(name))

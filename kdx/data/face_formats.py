@@ -33,21 +33,57 @@ def _decode_to_array(data: bytes, image_size: tuple[int, int], source: str) -> n
 class _BinUnpickler(pickle.Unpickler):
     """Unpickles what an InsightFace `.bin` holds and nothing else: lists and tuples of byte strings and
     booleans, written by Python 2 or 3, or numpy arrays of them. Every other global (anything that could
-    run code while loading) is refused with a DataError naming it."""
+    run code while loading) is refused with a DataError naming it.
+
+    What the admitted constructors may allocate is bounded too: `bytes(n)`/`bytearray(n)` with a number (a
+    few bytes of file asking for gigabytes of zeros) is refused, and everything they build together may not
+    exceed a few times the file's size (a memo reference costs two bytes of file however large its target,
+    so `list(<the same 1 MB bytes>)` repeated would otherwise amplify a small file into gigabytes)."""
 
     _NUMPY = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
               ("numpy._core.multiarray", "scalar")}
 
-    def __init__(self, file, source: str) -> None:
+    def __init__(self, file, source: str, size: int = 0) -> None:
         super().__init__(file, encoding="bytes")
         self.source = source
+        self.budget = 4 * int(size) + (1 << 20)  # elements the constructors below may still create
+
+    def _bounded(self, ctor):
+        """`ctor` (bytes, bytearray, list, tuple, bool, int) charged against the allocation budget."""
+
+        def build(*args):
+            arg = args[0] if args else None
+            if ctor in (bytes, bytearray) and isinstance(arg, int):
+                raise DataError(f"{self.source} asks for {ctor.__name__}({arg}), a buffer of zeros that a "
+                                f"verification .bin never holds; the file is refused")
+            if ctor in (bytes, bytearray, list, tuple) and arg is not None:
+                if not hasattr(arg, "__len__"):
+                    raise DataError(f"{self.source} asks to build a {ctor.__name__} from a "
+                                    f"{type(arg).__name__}; the file is refused")
+                self._charge(len(arg))
+            elif ctor is int and isinstance(arg, (str, bytes, bytearray)):
+                self._charge(len(arg))
+            return ctor(*args)
+
+        return build
+
+    def _charge(self, n: int) -> None:
+        self.budget -= n
+        if self.budget < 0:
+            raise DataError(f"{self.source} builds far more data than the file holds (memo references repeated to "
+                            f"amplify it); the file is refused")
 
     def find_class(self, module: str, name: str):
         if module in ("builtins", "__builtin__") and name in ("bytearray", "bytes", "bool", "int", "list", "tuple"):
-            return getattr(__import__("builtins"), name)
+            return self._bounded(getattr(__import__("builtins"), name))
         if (module, name) == ("_codecs", "encode"):  # how protocol-2 pickles of Python 3 write bytes
-            return _latin1_encode
+            def encode(text, encoding="latin1"):
+                if isinstance(text, str):
+                    self._charge(len(text))
+                return _latin1_encode(text, encoding)
+
+            return encode
         if (module, name) in self._NUMPY:
             import importlib
 
@@ -96,7 +132,7 @@ def read_verification_bin(path: str | os.PathLike, image_size: Sequence[int] = (
         raise DataError(f"verification file {path} does not exist; pass an InsightFace .bin file such as lfw.bin")
     try:
         with open(path, "rb") as f:
-            obj = _BinUnpickler(f, str(path)).load()
+            obj = _BinUnpickler(f, str(path), os.fstat(f.fileno()).st_size).load()
     except DataError:
         raise
     except Exception as e:
@@ -112,6 +148,11 @@ def read_verification_bin(path: str | os.PathLike, image_size: Sequence[int] = (
     if not bins:
         raise DataError(f"{path} holds no images (an empty verification set); pass a .bin with at least one pair")
     _check_counts(len(bins), len(issame), str(path))
+    distinct = len({id(b) for b in bins})
+    if distinct != len(bins):  # pickle memo references: 2 bytes of file each, one full decoded image each
+        raise DataError(f"{path} lists {len(bins)} images but only {distinct} distinct ones (the same encoded image "
+                        f"referenced again and again), which a real verification .bin never does; the file is "
+                        f"refused")
     h, w = int(image_size[0]), int(image_size[1])
     images = np.empty((len(bins), 3, h, w), dtype=np.uint8)
     for i, data in enumerate(bins):

@@ -64,7 +64,7 @@ def build_face_teacher(spec: Mapping[str, Any], data_mean: Any = 0.5, data_std: 
                                  input_mean=data_mean, input_std=data_std, device=spec.get("device") or "cpu")
         return FaceTeacher(net, source=str(path))
     if ckpt:
-        net, head, meta = load_face_checkpoint(ckpt)
+        net, head, meta = load_face_checkpoint(ckpt, spec.get("name"))
         return FaceTeacher(net, head, meta.get("class_names"), source=str(ckpt))
     if spec.get("pretrained"):
         kwargs = dict(spec.get("kwargs") or {})

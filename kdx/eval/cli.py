@@ -86,11 +86,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the network's import path (my_nets:FaceNet) when the checkpoint records one: a file never "
+                        "chooses a module to import, so you name it")
     args = p.parse_args(argv)
     try:
         onnx_kwargs = dict(channel_order=args.channel_order, value_range=tuple(args.value_range),
                            input_mean=args.mean, input_std=args.std, device=args.device)
-        model = load_embedding_model(args.model, **onnx_kwargs)
+        model = load_embedding_model(args.model, args.model_name, **onnx_kwargs)
         dataset, selection = _dataset(args, recorded_split(args.model))
         t0 = time.time()
         emb, flipped, issame = embed_dataset(model, dataset, args.batch_size, args.flip, args.device)

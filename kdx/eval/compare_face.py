@@ -95,7 +95,9 @@ def _teacher_of(stages: dict[str, dict], stage_cfgs: dict[str, DictConfig], teac
     if teacher_stage and teacher_stage in stages:
         ckpt = (stages[teacher_stage].get("checkpoints") or {}).get("best")
         if ckpt:
-            net, _, meta = load_face_checkpoint(ckpt)
+            scfg = stage_cfgs.get(teacher_stage)
+            given = to_dict(scfg[scfg.task.network]).get("name") if scfg is not None else None
+            net, _, meta = load_face_checkpoint(ckpt, given)
             return STAGE_LABELS.get(teacher_stage, teacher_stage), meta["embedding_model"]["name"], net
     for name, scfg in stage_cfgs.items():
         if _is_face(scfg) and task_class(scfg.task.name).distills:
@@ -133,7 +135,7 @@ def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_
         if not ckpt or scfg is None or not _is_face(scfg):
             continue
         spec = to_dict(scfg[scfg.task.network])
-        models.append((STAGE_LABELS.get(name, name), spec.get("name"), load_embedding_model(ckpt)))
+        models.append((STAGE_LABELS.get(name, name), spec.get("name"), load_embedding_model(ckpt, spec.get("name"))))
     rows = []
     for label, arch, net in models:
         print(f"[kdx] comparison: scoring {label} ({arch})", flush=True)

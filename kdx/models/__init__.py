@@ -12,6 +12,7 @@ from kdx.models.contract import (
 from kdx.models.registry import (
     adapt_in_chans,
     build_model,
+    builtin_source,
     is_embedding_model,
     list_models,
     register_model,
@@ -28,6 +29,7 @@ from kdx.models.embedding import build_embedding_model, fit_input, model_input_s
 
 __all__ = [
     "ClassifierNet", "IResNet", "MobileFaceNet", "adapt_in_chans", "build_embedding_model", "build_model",
+    "builtin_source",
     "capture_inputs", "classifier_path", "feature_stages", "fit_input", "get_classifier", "is_embedding_model",
     "list_models", "load_weights", "model_input_size", "penultimate_features", "read_weights_file",
     "register_model", "registered_models", "reset_classifier", "resolve_source", "strip_prefix",

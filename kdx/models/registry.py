@@ -90,9 +90,8 @@ def _split_source(name: str) -> tuple[str | None, str]:
     return None, name
 
 
-def resolve_source(name: str) -> tuple[str, str]:
-    """Which registry builds `name` (kdx first, then torchvision, then timm, then an import path of the user's
-    own module, `pkg.mod:Class`), or a ModelNotFoundError."""
+def builtin_source(name: str) -> tuple[str, str] | None:
+    """Which built-in registry (kdx, torchvision, timm) has `name`, or None; never imports a module."""
     source, bare = _split_source(name)
     if source in (None, "kdx") and bare in _MODELS:
         return "kdx", bare
@@ -103,6 +102,16 @@ def resolve_source(name: str) -> tuple[str, str]:
 
         if timm.is_model(bare):
             return "timm", bare
+    return None
+
+
+def resolve_source(name: str) -> tuple[str, str]:
+    """Which registry builds `name` (kdx first, then torchvision, then timm, then an import path of the user's
+    own module, `pkg.mod:Class`), or a ModelNotFoundError."""
+    found = builtin_source(name)
+    if found is not None:
+        return found
+    source, bare = _split_source(name)
     if source is None and find_user_model(name, registered_models()) is not None:
         return "import", name
     candidates = list(dict.fromkeys(sorted(_MODELS) + _torchvision_names() + _timm_names()))
