@@ -90,6 +90,23 @@ def known_keys(config_dir: str) -> frozenset[str]:
     return frozenset(keys)
 
 
+def key_owners(config_dir: str, key: str) -> list[str]:
+    """The `group=option` configs of the key's own group (`data` for data.train_size) that set `key`."""
+    group, _, rest = key.partition(".")
+    folder = Path(config_dir) / group
+    owners = []
+    if not rest or not folder.is_dir():
+        return owners
+    for path in sorted(folder.rglob("*.yaml")):
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception:
+            continue
+        if isinstance(data, dict) and rest in _flatten(data):
+            owners.append(f"{group}={path.relative_to(folder).with_suffix('').as_posix()}")
+    return owners
+
+
 def _close(key: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Close spellings of dotted `key` among `candidates`: first its siblings (same parent), then any key at the
     same depth."""
@@ -196,7 +213,13 @@ def explain_composition_error(error: BaseException, argv: Sequence[str], config_
             given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), key)
             others = [o for o in overrides if o != given]
             candidates = _composed_keys(config_name, others) | known_keys(config_dir)
-            close = _close(key, candidates)
+            owners = key_owners(config_dir, key) if key in candidates else []
+            if owners:  # a key of another config of the same group (a synthetic-only key on image_folder)
+                group = key.split(".", 1)[0]
+                chosen = next((o.lstrip("+~") for o in overrides if o.lstrip("+~").split("=", 1)[0] == group), None)
+                return ConfigError(f"{given}: {key} is a key of {', '.join(owners[:4])}, not of the {group} config "
+                                   f"chosen here{f' ({chosen})' if chosen else ''}; choose one of those or drop {key}")
+            close = [c for c in _close(key, candidates) if c != key]
             tail = _hint(close) if close else f"; to add a new key, write +{given.lstrip('+~')}"
             return ConfigError(f"{given}: {key} is not a config key{tail}")
         m = re.search(r"Could not find '([^']+)'", message) or re.search(r"Could not load '([^']+)'", message)

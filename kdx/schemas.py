@@ -214,8 +214,14 @@ def check_arguments(values: Mapping[str, Any] | None, target: Callable, prefix: 
                     ignore: tuple[str, ...] = (), reserved: tuple[str, ...] = ()) -> None:
     """Check the keys of `values` against the keyword arguments of `target` (a class or a function): an
     argument it does not take (or one in `reserved`, which the builder passes itself), or a value that does
-    not fit the argument's annotation (or its default's type), is a ConfigError naming `prefix.key`."""
+    not fit the argument's annotation (or its default's type), is a ConfigError naming `prefix.key`.
+
+    A class may declare bounds of its arguments as `CONFIG_BOUNDS = {name: number(...)}` (a datamodule's sizes,
+    say); they are checked here too, so a bad value is refused before any work."""
     params, hints, open_kwargs = _parameters(target)
+    declared = {}
+    for cls in (inspect.getmro(target) if inspect.isclass(target) else ()):
+        declared = {**dict(getattr(cls, "CONFIG_BOUNDS", None) or {}), **declared}
     params = {k: v for k, v in params.items() if k not in reserved}
     for key, value in dict(values or {}).items():
         if key in ignore:
@@ -230,7 +236,10 @@ def check_arguments(values: Mapping[str, Any] | None, target: Callable, prefix: 
             tp = type(default) if isinstance(default, (bool, int, float)) else Any
             if tp is int:
                 tp = float  # an int default (momentum=0) does not make the argument a whole number
-        check_value(_join(prefix, key), value, tp)
+        field = declared.get(key)
+        meta = field.metadata if isinstance(field, dataclasses.Field) else {}
+        check_value(_join(prefix, key), value, tp, bounds=meta.get("bounds"), allowed=meta.get("allowed", ()),
+                    choices=meta.get("choices", ()), hint=meta.get("hint", ""))
 
 
 # --------------------------------------------------------------------------- the sections every run has

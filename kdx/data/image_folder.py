@@ -14,6 +14,7 @@ from kdx.data.base import KdxDataModule
 from kdx.data.images import decode_image, scan_class_folders
 from kdx.data.transforms import build_transforms
 from kdx.errors import DataError
+from kdx.schemas import number
 
 BAD_IMAGE_HINT = "replace or delete the file, or set data.bad_images=skip to skip unreadable files"
 
@@ -57,6 +58,10 @@ class ImageFolderDataModule(KdxDataModule):
     """Class folders on disk. With `train/` (and `val/`, `test/`) subfolders they are used as given;
     otherwise `root` itself holds the class folders and is split by `val_split`/`test_split`."""
 
+    # checked with the config, before any work (kdx.schemas.check_arguments)
+    CONFIG_BOUNDS = {"image_size": number(224, 1), "val_split": number(0.1, 0, 1, high_open=True),
+                     "test_split": number(0.1, 0, 1, high_open=True)}
+
     def __init__(self, root: str, image_size: int = 224, in_chans: int = 3, val_split: float = 0.1,
                  test_split: float = 0.1, seed: int = 0, augment: str = "auto", mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, bad_images: str = "fail", **loader_kwargs) -> None:
@@ -91,6 +96,13 @@ class ImageFolderDataModule(KdxDataModule):
             warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) under {self.root}, e.g. {self.skipped[0]}")
         return kept
 
+    @staticmethod
+    def _check_classes(folders: dict[str, list[Path]], where: Path) -> None:
+        if len(folders) < 2:
+            found = f"only the class folder {next(iter(folders))!r}" if folders else "no class folder"
+            raise DataError(f"{where} has {found}; a classifier needs at least two classes, so add a subfolder of "
+                            f"images per class (or point data.root at the folder above)")
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -99,6 +111,7 @@ class ImageFolderDataModule(KdxDataModule):
         train_dir = self.root / "train"
         if train_dir.is_dir():
             folders = scan_class_folders(train_dir)
+            self._check_classes(folders, train_dir)
             self.class_names = sorted(folders)
             train = self._samples(folders, train_dir)
             splits = {}
@@ -110,6 +123,7 @@ class ImageFolderDataModule(KdxDataModule):
             val, test = splits["val"], splits["test"]
         else:
             folders = scan_class_folders(self.root)
+            self._check_classes(folders, self.root)
             self.class_names = sorted(folders)
             everything = self._samples(folders, self.root)
             train_frac = 1 - self.val_split - self.test_split

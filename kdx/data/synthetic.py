@@ -5,6 +5,7 @@ import torch
 
 from kdx.data.base import KdxDataModule
 from kdx.data.tensor_images import TensorImageDataset
+from kdx.schemas import number
 
 
 def make_synthetic_images(num_samples: int, num_classes: int, image_size: int, in_chans: int, noise: float,
@@ -24,6 +25,17 @@ def make_synthetic_images(num_samples: int, num_classes: int, image_size: int, i
 
 class SyntheticDataModule(KdxDataModule):
     """Class-dependent random patterns for tests and smoke runs; no files, no downloads."""
+
+    # checked with the config, before any work (kdx.schemas.check_arguments)
+    CONFIG_BOUNDS = {
+        "num_classes": number(4, 2, hint="a classifier needs at least two classes"),
+        "image_size": number(16, 1),
+        "in_chans": number(3, 1),
+        "train_size": number(512, 1, hint="training needs at least one image"),
+        "val_size": number(128, 1, hint="validation picks the best checkpoint; it needs at least one image"),
+        "test_size": number(128, 1),
+        "noise": number(0.25, 0, hint="noise is the standard deviation of the added Gaussian noise"),
+    }
 
     def __init__(self, num_classes: int = 4, image_size: int = 16, in_chans: int = 3, train_size: int = 512,
                  val_size: int = 128, test_size: int = 128, noise: float = 0.25, seed: int = 0, **loader_kwargs) -> None:

@@ -34,6 +34,7 @@ from kdx.ranks import is_global_zero_process, is_rank_zero
 from kdx.runs import (LAST_CKPT, RESUME_CKPT_ENV, RESUME_KEYS, check_run_dir, default_resume_command,
                       without_resume_keys)
 from kdx.tasks import task_for, validate_config
+from kdx.train.checks import check_batch_size, check_monitor
 from kdx.train.ddp import needs_isolated_ddp, run_ddp_worker
 from kdx.train.metrics_csv import merge_parts, trim_rows_after
 from kdx.train.trainer import InterruptState, build_trainer
@@ -182,6 +183,8 @@ def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *
         dm.setup("fit")
         built = task_for(cfg).create(dm)
         module = built.module
+        check_batch_size(dm, cfg.data.get("batch_size"))
+        check_monitor(module, dm, (cfg.get("checkpoint") or {}).get("monitor"))
         if resume_state is not None:
             check_resume_fits(resume_ckpt, module, checkpoint=resume_state)
             resume_state = None  # free the tensors before Lightning reads the file again
