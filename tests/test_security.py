@@ -258,12 +258,15 @@ def test_reports_escape_markdown_html_terminal_and_formulas(tmp_path: Path) -> N
     with contextlib.redirect_stdout(stdout):
         assert report_main([str(sweep), "--no-plots"]) == 0
     md = (sweep / "report.md").read_text()
-    for raw in ("<script>", "<b>", "\x1b", "\x07"):
-        assert raw not in md, raw
     import re
 
+    outside = re.sub(r"(`+).*?\1", "", md)  # a code span (a value with a URL in it) shows its text literally
+    for raw in ("<script>", "<b>", "\x1b", "\x07"):
+        assert raw not in outside, raw
+    assert "\x1b" not in md and "\x07" not in md
+
     assert not re.search(r"(?<!\\)\]\(javascript", md) and not re.search(r"(?<!\\)\|q", md)  # only escaped
-    assert "&lt;script&gt;" in md and "\\[click\\]" in md and "p\\|q" in md and "\\x1b" in md
+    assert "&lt;b&gt;" in md and "\\[click\\]" in md and "p\\|q" in md and "\\x1b" in md
     terminal = stdout.getvalue()
     assert "\x1b" not in terminal and "\x07" not in terminal
     with open(sweep / "report.csv", newline="") as f:
@@ -418,3 +421,41 @@ def test_dependency_floors_exclude_releases_with_known_holes() -> None:
         assert floors and min(floors) >= Version(fixed), (name, str(deps[name]))
         assert not deps[name].contains(str(Version(fixed).release[0]) + "." + str(Version(fixed).release[1] - 1))
         assert Version(version(name).split("+")[0]) >= Version(fixed), (name, version(name))
+
+
+def test_reports_do_not_autolink_urls_keep_no_escape_bytes_and_quote_semicolon_cells(tmp_path: Path) -> None:
+    """GitHub turns bare URLs and e-mail addresses into links by itself: in report.md they are code spans;
+    report.csv shows terminal escapes as text and guards cells starting with `;` (a list separator in many
+    locales, after which a spreadsheet reads a new cell, possibly a formula)."""
+    import re
+
+    from kdx.report import report_main
+
+    sweep = tmp_path / "sweep"
+    overrides = ["distill.temperature=4", "+note=see https://evil.example/x?a=1", "+who=admin@evil.example",
+                 "+site=www.evil.example", "+cmd=;=cmd|' /C calc'!A0", "+esc=\x1b]8;;http://evil\x1b\\\\x\x1b]8;;\x1b\\\\"]
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "overrides.yaml").write_text("".join(f"- {json.dumps(o)}\n" for o in overrides))
+    (sweep / "0" / "results.json").write_text(json.dumps({
+        "status": "completed", "task": "distill", "experiment": ";=1+2", "overrides": overrides,
+        "hparams": {"pair": "https://evil.example/pair", "temperature": 4.0, "alpha": 0.5, "seed": 0},
+        "metrics": {"val/acc1": 0.5, "test/acc1": 0.4}, "monitor": {"metric": "val/acc1", "mode": "max"}}))
+    import contextlib
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report_main([str(sweep), "--no-plots"]) == 0
+    md = (sweep / "report.md").read_text()
+    # every URL, www. name and address sits inside a code span (GitHub links none of them there)
+    outside = re.sub(r"(`+).*?\1", "", md)
+    for bare in ("https://", "http://", "www.evil", "admin@evil"):
+        assert bare in md and bare not in outside, bare
+    raw = (sweep / "report.csv").read_bytes()
+    assert b"\x1b" not in raw and b"\\x1b" in raw
+    with open(sweep / "report.csv", newline="") as f:
+        cells = [c for row in csv.reader(f) for c in row]
+    assert "';'=1+2" in cells  # the leading `;` and the `=` after it (a new cell where `;` separates) both guarded
+    assert not [c for c in cells if c.startswith((";", "=", "+", "@"))]
+    # a reader whose separator is `;` starts a new cell after it: that cell never starts a formula
+    with open(sweep / "report.csv", newline="") as f:
+        for row in csv.reader(f, delimiter=";"):
+            assert not any(c.lstrip().startswith(("=", "+", "@")) for c in row), row

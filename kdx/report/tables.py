@@ -257,9 +257,7 @@ def _raw(value: Any) -> Any:
     """A value for the CSV: full precision numbers, '' for None."""
     if value is None:
         return ""
-    if isinstance(value, float):
-        return repr(value)
-    return value
+    return value  # floats are written by the csv module in full precision (repr), unquoted
 
 
 def _keys(jobs: list[JobRecord], attr: str) -> list[str]:
@@ -315,7 +313,7 @@ def write_csv(path: Path, ranked: list[JobRecord], failed: list[JobRecord], metr
     """report.csv: one row per job, ranked jobs first (rank 1 = best), then failed ones."""
     columns = csv_columns(ranked + failed, metric)
     buffer = io.StringIO()  # cells a spreadsheet would run as formulas are neutralised (csv_cell)
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC)  # every text quoted, so `;` never splits a cell
     writer.writerow([csv_cell(c) for c in columns])
     for i, job in enumerate(ranked, 1):
         writer.writerow([csv_cell(c) for c in csv_row(job, i, metric, columns)])
