@@ -441,3 +441,94 @@ def test_a_run_whose_cache_disk_is_full_completes_with_one_warning(synthetic_tea
     import json
 
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+
+
+# --------------------------------------------------------------------------- the store's identity, as the host builds it
+def _image_folder(root: Path, seed: int = 0) -> Path:
+    """4 classes x 8 BMP files of 16 px (a fixed file size: a replacement changes only the bytes and the mtime)."""
+    from image_files import write_class_folder
+
+    return write_class_folder(root, num_classes=4, per_class=8, size=16, fmt="BMP", seed=seed)
+
+
+def _folder_args(root: Path) -> list[str]:
+    return ["data=image_folder", f"data.root={root}", "data.image_size=16", "data.num_workers=0", "data.batch_size=8"]
+
+
+def _store_key(teacher: Path, overrides: list[str]) -> str:
+    """The key of the store the distillation host opens for this config: compose, validate, set up the real
+    datamodule, build the module through its task (kdx.lit.distill.apply_teacher_cache)."""
+    from kdx.configs import build_datamodule
+    from kdx.tasks import validate_config
+
+    cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={teacher}", "distill.teacher_cache.mode=memory",
+                         *overrides])
+    task = validate_config(cfg)
+    dm = build_datamodule(cfg.data)
+    dm.setup("fit")
+    return task.create(dm).module.teacher_cache.key
+
+
+def test_every_data_setting_and_the_files_contents_are_in_the_store_key_loader_settings_are_not(
+        synthetic_teacher, tmp_path):
+    """Settings that change what the teacher sees (augmentation, noise, split, seed) and the images themselves
+    give another store; loader settings (batch size, workers) share it."""
+    root = _image_folder(tmp_path / "images")
+    folder = _folder_args(root)
+    key = _store_key(synthetic_teacher, folder)
+    assert _store_key(synthetic_teacher, folder) == key
+    for same in (["data.batch_size=4"], ["data.num_workers=1"], ["data.pin_memory=false"]):
+        assert _store_key(synthetic_teacher, [*folder, *same]) == key, same
+    for change in (["data.augment=none"], ["data.augment=imagenet"], ["data.val_split=0.2"], ["data.seed=3"],
+                   ["data.mean=[0.4,0.4,0.4]", "data.std=[0.2,0.2,0.2]"]):
+        assert _store_key(synthetic_teacher, [*folder, *change]) != key, change
+    synthetic = _store_key(synthetic_teacher, ["data.train_size=32"])
+    assert _store_key(synthetic_teacher, ["data.train_size=32", "data.noise=0.3"]) != synthetic
+    _image_folder(root, seed=1)  # the same names, counts and sizes; other pixels
+    assert _store_key(synthetic_teacher, folder) != key
+
+
+def test_fingerprints_follow_contents_and_ignore_what_does_not_change_them(tmp_path):
+    from torch.utils.data import ConcatDataset, Subset
+
+    from kdx.data.fingerprint import dataset_fingerprint, files_fingerprint
+
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
+    a = TensorImageDataset(images, torch.tensor([0, 1]), [0.5], [0.25])
+    assert dataset_fingerprint(a) == dataset_fingerprint(TensorImageDataset(images.clone(), torch.tensor([0, 1]),
+                                                                            [0.5], [0.25], augment=True))
+    changed = images.clone()
+    changed[1, 0, 3, 3] += 1  # one pixel
+    assert dataset_fingerprint(TensorImageDataset(changed, torch.tensor([0, 1]), [0.5], [0.25])) != dataset_fingerprint(a)
+    assert dataset_fingerprint(TensorImageDataset(images, torch.tensor([1, 0]), [0.5], [0.25])) != dataset_fingerprint(a)
+    assert dataset_fingerprint(Subset(a, [1])) != dataset_fingerprint(Subset(a, [0]))
+    assert dataset_fingerprint(ConcatDataset([a, a])) != dataset_fingerprint(a)
+    assert dataset_fingerprint(object()) is None  # says nothing: the host warns
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"1234")
+    first = files_fingerprint([f])
+    os.utime(f, ns=(1, 10 ** 18))
+    assert files_fingerprint([f]) != first
+    f.unlink()
+    assert files_fingerprint([f]) not in (first, files_fingerprint([tmp_path / "y.bin"]))
+
+
+def test_images_replaced_in_place_get_a_fresh_store_not_the_old_teacher_outputs(synthetic_teacher, tmp_path):
+    """Real BMP files, real runs: the second run is served every row (hit rate 1.0); after the images are
+    replaced in place (same names, count and file sizes) the third run computes every row (hit rate 0.0)."""
+    from kdx.train import run_training
+
+    root = _image_folder(tmp_path / "images")
+    args = ["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "trainer.max_epochs=1",
+            "trainer.progress_bar=none", *_folder_args(root), "distill.teacher_cache.mode=disk",
+            "distill.teacher_cache.views=1", f"distill.teacher_cache.dir={tmp_path / 'store'}"]
+    sizes = sorted(p.stat().st_size for p in root.rglob("*.bmp"))
+    run_training(compose_train(args), tmp_path / "cold")
+    run_training(compose_train(args), tmp_path / "warm")
+    _image_folder(root, seed=1)
+    assert sorted(p.stat().st_size for p in root.rglob("*.bmp")) == sizes
+    results = run_training(compose_train(args), tmp_path / "changed")
+    assert results["status"] == "completed"
+    rates = {run: _metrics(tmp_path / run)["train/teacher_cache_hit_rate"] for run in ("cold", "warm", "changed")}
+    assert rates == {"cold": 0.0, "warm": 1.0, "changed": 0.0}
+    assert len([p for p in (tmp_path / "store").iterdir() if p.is_dir()]) == 2

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdx.data.device_batches import DeviceBatches
+from kdx.data.fingerprint import dataset_fingerprint
 from kdx.data.mixing import MixSpec, check_mix, check_teacher_view
 from kdx.data.samplers import BalancedSampler, check_sampler, dataset_labels
 from kdx.data.tensor_images import TensorImageDataset
@@ -127,3 +128,9 @@ class KdxDataModule(pl.LightningDataModule):
         size = lambda d: len(d) if d is not None else 0  # noqa: E731
         return {"num_classes": self.num_classes, "in_chans": self.in_chans, "image_size": self.image_size,
                 "train": size(self.train_set), "val": size(self.val_set), "test": size(self.test_set)}
+
+    def data_fingerprint(self) -> str | None:
+        """A short hash of what the training set holds today (kdx.data.fingerprint), known after `setup()`: it
+        changes when images are replaced in place, so the teacher cache never serves outputs of other images.
+        None when the training set does not say (a dataset without `fingerprint()` or a `samples` list)."""
+        return dataset_fingerprint(self.train_set)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdx.data.fingerprint import files_fingerprint
 from kdx.data.images import decode_image
 from kdx.errors import DataError
 
@@ -301,6 +302,11 @@ class RecordFaceDataset(Dataset):
     def _label(self, key: int) -> int:
         header, _ = unpack_header(self.reader.read(key))
         return self._label_of(header, key)
+
+    def fingerprint(self) -> str:
+        """Size and modification time of train.rec, train.idx and property (kdx.data.fingerprint)."""
+        files = [p for p in (self.reader.rec_path, self.reader.idx_path, self.rec_dir / "property") if p is not None]
+        return files_fingerprint(files)
 
     def __len__(self) -> int:
         """Number of images."""

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from kdx.data.fingerprint import tensors_fingerprint
+
 
 class TensorImageDataset(Dataset):
     """Images N x C x H x W (uint8) and labels; returns normalised float images, optionally crop+flip augmented."""
@@ -24,6 +26,10 @@ class TensorImageDataset(Dataset):
     def without_augmentation(self) -> "TensorImageDataset":
         """The same images and labels, never augmented (the clean view)."""
         return TensorImageDataset(self.images, self.labels, *self._norm, augment=False, pad=self.pad)
+
+    def fingerprint(self) -> str:
+        """A hash of the images' and labels' bytes (kdx.data.fingerprint)."""
+        return tensors_fingerprint(self.images, self.labels)
 
     def __len__(self) -> int:
         return self.images.shape[0]

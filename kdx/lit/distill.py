@@ -261,7 +261,9 @@ def apply_teacher_cache(module: DistillationMixin, dm: Any, data_cfg: Mapping[st
     """Switch the datamodule to seeded views and give the module its teacher cache, as `distill.teacher_cache` says.
 
     The store's identity is the data config without its loader settings (source, subset, transforms), the
-    datamodule's sizes, the teacher spec (ONNX preprocessing) and the seed, with the teacher's weights.
+    datamodule's sizes, what its training set holds today (`dm.data_fingerprint()`: file sizes and modification
+    times, or a hash of in-memory images), the teacher spec (ONNX preprocessing) and the seed, with the teacher's
+    weights. Images replaced in place therefore get a new store, never the outputs of the old ones.
     """
     settings = check_cache_config(settings)
     if settings["mode"] == "off":
@@ -269,8 +271,13 @@ def apply_teacher_cache(module: DistillationMixin, dm: Any, data_cfg: Mapping[st
     if not hasattr(dm, "seeded_views"):
         raise ConfigError(f"distill.teacher_cache needs seeded views, which {type(dm).__name__} does not give; "
                           "use a kdx datamodule or set distill.teacher_cache.mode=off")
+    fingerprint = dm.data_fingerprint() if callable(getattr(dm, "data_fingerprint", None)) else None
+    if fingerprint is None:
+        warnings.warn(f"the teacher cache cannot tell whether the images of {type(dm).__name__} change (its training "
+                      "set has no fingerprint() or samples list); after changing them, set a new "
+                      "distill.teacher_cache.dir or distill.teacher_cache.mode=off")
     identity = {"data": {k: v for k, v in dict(data_cfg).items() if k not in LOADER_KEYS},
-                "sizes": dm.describe(), "teacher": dict(teacher_spec or {})}
+                "sizes": dm.describe(), "contents": fingerprint, "teacher": dict(teacher_spec or {})}
     dm.seeded_views, dm.view_count, dm.view_seed = True, settings["views"], int(seed)
     module.configure_teacher_cache(settings, identity, int(seed), len(dm.train_set), max_epochs, teacher_file,
                                    fixed_teacher=getattr(dm, "teacher_view", "consistent") == "fixed")
