@@ -6,12 +6,15 @@ the demo's pair (resnet20 -> cnn_tiny), and optionally a heavier teacher. Per te
   - images/s of a student-alone epoch, a KD epoch without the cache, and a KD epoch with a warm cache (a second
     job reading the store the first one wrote), as medians of interleaved repeats;
   - the wall time of a 6-job temperature x alpha sweep (2 epochs each) without and with one shared disk store,
-    and the ideal speedup (t_teacher + t_student) / (t_teacher / 6 + t_student) from the same run's epochs.
+    and the ideal speedup (t_teacher + t_student) / (t_teacher / 6 + t_student) from the same run's epochs;
+  - consistent teaching at cache speed: images/s of the student alone on mixed batches (data.mix.mode=both) and
+    of consistent KD (function matching on the same mixed batches) from a warm store, interleaved.
 
     python scripts/bench_cache.py                        # about 6-10 min on 2 CPU cores
     python scripts/bench_cache.py --train-subset 5000 --repeats 1 --teachers resnet20
 
-It ends with two lines: `cache ratio: X` (warm-cache KD / student alone, first teacher) and
+It ends with three lines: `cache ratio: X` (warm-cache KD / student alone, first teacher),
+`consistent cache ratio: W` (warm-cache consistent KD / student alone on the same mixed batches) and
 `sweep speedup: Y (ideal Z)` (6 jobs without / with the shared store, first teacher).
 """
 from __future__ import annotations
@@ -70,15 +73,17 @@ def main() -> None:
 
     table = Table(title="Teacher cache on the CPU (images/s of training; medians of interleaved repeats)")
     for col in ("pair", "student alone", "KD, no cache", "KD, warm cache", "warm / student", "6-job sweep s, no cache",
-                "with shared cache", "speedup", "ideal"):
+                "with shared cache", "speedup", "ideal", "student, mixed", "consistent KD, warm", "warm / student"):
         table.add_column(col, justify="left" if col == "pair" else "right")
     for r in rows:
         table.add_row(r["pair"], f"{r['student']:,.0f}", f"{r['kd']:,.0f}", f"{r['warm']:,.0f}", f"{r['ratio']:.2f}",
                       f"{r['sweep_plain']:.0f}", f"{r['sweep_cached']:.0f}", f"{r['speedup']:.2f}x",
-                      f"{r['ideal']:.2f}x")
+                      f"{r['ideal']:.2f}x", f"{r['mixed_student']:,.0f}", f"{r['consistent_warm']:,.0f}",
+                      f"{r['consistent_ratio']:.2f}")
     Console(width=160).print(table)
     first = rows[0]
     print(f"cache ratio: {first['ratio']:.2f}")
+    print(f"consistent cache ratio: {first['consistent_ratio']:.2f}")
     print(f"sweep speedup: {first['speedup']:.2f} (ideal {first['ideal']:.2f})")
 
 
@@ -107,6 +112,18 @@ def bench_pair(teacher_name: str, args, work: Path) -> dict:
         warm = run_training(compose_run([*kd, "distill.temperature=2", "distill.teacher_cache.mode=disk",
                                          f"distill.teacher_cache.dir={store}"]), work / f"warm{r}")
         rates["warm"].append(epoch_rate(warm, images))
+    # consistent teaching: every image mixed, teacher outputs of the mixed views from a warm store
+    mixed = ["data.mix.mode=both"]
+    consistent = ["task=distill", "distill=function_matching", f"teacher.ckpt={ckpt}", *common, *mixed,
+                  "distill.teacher_cache.mode=disk", f"distill.teacher_cache.dir={work / 'mixed_store'}"]
+    run_training(compose_run(consistent), work / "mixed_cold")
+    rates.update(mixed_student=[], consistent_warm=[])
+    for r in range(args.repeats):
+        student = run_training(compose_run(["task=supervised", "task.network=student", *common, *mixed]),
+                               work / f"ms{r}")
+        rates["mixed_student"].append(epoch_rate(student, images))
+        warm = run_training(compose_run(consistent), work / f"cwarm{r}")
+        rates["consistent_warm"].append(epoch_rate(warm, images))
     med = {k: statistics.median(v) for k, v in rates.items()}
     t_student, t_kd = images / med["student"], images / med["kd"]
     t_teacher = max(t_kd - t_student, 0.0)
@@ -125,7 +142,8 @@ def bench_pair(teacher_name: str, args, work: Path) -> dict:
     return {"pair": f"{teacher_name} -> {args.student}, {images} images, {in_chans}-channel",
             "student": med["student"], "kd": med["kd"], "warm": med["warm"], "ratio": med["warm"] / med["student"],
             "sweep_plain": sweep_plain, "sweep_cached": sweep_cached, "speedup": sweep_plain / sweep_cached,
-            "ideal": ideal}
+            "ideal": ideal, "mixed_student": med["mixed_student"], "consistent_warm": med["consistent_warm"],
+            "consistent_ratio": med["consistent_warm"] / med["mixed_student"]}
 
 
 if __name__ == "__main__":
