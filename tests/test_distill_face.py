@@ -11,7 +11,8 @@ from torch import nn
 from kdx.distill import LayerTaps, available_distillers, build_distiller, build_distiller_set
 from kdx.errors import ConfigError
 from kdx.losses.face import EmbeddingProjector
-from kdx.losses.face_margin import adadistill_loss, adadistill_update, centre_margin_logits, centre_margin_loss
+from kdx.losses.face_margin import (adadistill_loss, adadistill_update, adadistill_weights, centre_margin_logits,
+                                   centre_margin_loss)
 from kdx.losses.margin import normsoftmax
 from kdx.models.embedding import build_embedding_model
 
@@ -200,6 +201,24 @@ def test_adadistill_update_of_one_sample_by_hand():
     t = torch.tensor([[0.0, 5.0]])  # unit t = (0, 1); cos(c_0, t) = 1
     new = adadistill_update(c, s, t, torch.tensor([0]))
     assert new[0].tolist() == pytest.approx([0.0, 0.8 * 2.0 + 0.2 * 1.0]) and new[1].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("cos_st, cos_ct, weight", [
+    (-0.8, -0.72, 1e-6),  # both negative (common early on): the product 0.576 must not become the weight
+    (0.8, -0.72, 1e-6),   # a centre pointing away: the hardness floor, not a negative weight
+    (-0.8, 0.72, 1e-6),   # a student pointing away
+    (0.8, 0.72, 0.576),   # the plain product
+])
+def test_adadistill_weight_clamps_the_hardness_before_the_product(cos_st, cos_ct, weight):
+    """a = clamp(cos(s, t) * clamp(cos(c_y, t), 1e-6, 1), 1e-6, 1): with both cosines negative, clamping only the
+    product would give 0.576 and pull the centre towards its old self instead of the teacher."""
+    t = torch.tensor([[2.0, 0.0]])
+    s = torch.tensor([[cos_st, math.sqrt(1 - cos_st ** 2)]]) * 3.0
+    c = torch.tensor([[cos_ct, -math.sqrt(1 - cos_ct ** 2)]])
+    assert adadistill_weights(s, t, c).item() == pytest.approx(weight, rel=1e-5, abs=1e-9)
+    new = adadistill_update(c, s, t, torch.tensor([0]))
+    assert new[0].tolist() == pytest.approx((weight * c[0] + (1 - weight) * torch.tensor([1.0, 0.0])).tolist(),
+                                            abs=1e-6)
 
 
 @pytest.mark.parametrize("kind,margin", [("arcface", 0.45), ("cosface", 0.35)])

@@ -37,6 +37,35 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     assert other["metrics"] != first["metrics"]
 
 
+def test_a_resumed_run_draws_what_an_uninterrupted_one_draws(tmp_path: Path, monkeypatch) -> None:
+    """The fast version of the kill-and-resume soak (make faults): a run interrupted at the start of its second
+    epoch and resumed from last.ckpt ends with the metrics of an uninterrupted run, bit for bit. Epoch 2's
+    shuffle and dropout come from torch's generator, so a resume that does not restore it (kdx.RandomState)
+    trains on another order and ends elsewhere."""
+    from kdx.errors import RunInterrupted
+    from kdx.train.trainer import InterruptCheck, InterruptState
+
+    overrides = ["trainer.max_epochs=2", "trainer.deterministic=true", "data.train_size=256"]
+    reference = run_training(teacher_cfg(*overrides), tmp_path / "reference")
+    run_dir, original = tmp_path / "run", InterruptCheck.on_train_epoch_start
+    fired: list[int] = []
+
+    def interrupt_once(self, trainer, *args, **kwargs):
+        if trainer.current_epoch == 1 and not fired:  # as a Ctrl-C between the epochs would
+            fired.append(1)
+            InterruptState.requested = 1
+        return original(self, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(InterruptCheck, "on_train_epoch_start", interrupt_once)
+    with pytest.raises(RunInterrupted):
+        run_training(teacher_cfg(*overrides), run_dir)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    torch.manual_seed(12345)  # whatever the process drew in between
+    resumed = run_training(teacher_cfg(*overrides, f"resume={run_dir}"), run_dir)
+    assert resumed["status"] == "completed" and resumed["resumes"] == 1
+    assert resumed["metrics"] == reference["metrics"]
+
+
 def test_finished_run_is_skipped_reported_or_set_aside(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     done = run_training(teacher_cfg(), run_dir)
