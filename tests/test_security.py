@@ -327,6 +327,33 @@ def test_a_checkpoint_naming_an_import_path_imports_nothing(tmp_path: Path, mark
     assert marker.exists() and net(torch.zeros(1, 3, 8, 8)).shape == (1, 4)
 
 
+def test_the_tasks_pass_the_configured_name_with_the_checkpoint_they_load(tmp_path: Path, marker: Path,
+                                                                          monkeypatch) -> None:
+    """teacher/student.ckpt with .name set to the checkpoint's import path: the task hands that name to the
+    loader itself, whatever other configs this process checked (no reliance on the process-wide set)."""
+    from kdx import schemas
+    from kdx.schemas import ModelSpec
+    from kdx.tasks.face import build_face_network
+    from kdx.tasks.supervised import build_network
+
+    (tmp_path / "evilmod.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = _module_checkpoint(tmp_path / "c.ckpt", "evilmod:Net")
+    face = _module_checkpoint(tmp_path / "f.ckpt", "evilmod:Net", face=True)
+    plain, named = ModelSpec(ckpt=str(ckpt)), ModelSpec(name="evilmod:Net", ckpt=str(ckpt))
+    face_named = ModelSpec(name="evilmod:Net", ckpt=str(face))
+    monkeypatch.setattr(schemas, "_CONFIGURED_MODEL_NAMES", set())
+    with pytest.raises(CheckpointError, match="kdx never imports a module that a file names"):
+        build_network(plain, num_classes=4, in_chans=3)
+    with pytest.raises(CheckpointError, match="kdx never imports a module that a file names"):
+        build_face_network(ModelSpec(ckpt=str(face)), in_chans=3, data_size=(8, 8))
+    assert not marker.exists()
+    net, meta = build_network(named, num_classes=4, in_chans=3)
+    assert meta["model_name"] == "evilmod:Net" and net(torch.zeros(1, 3, 8, 8)).shape == (1, 4)
+    with pytest.raises(CheckpointError, match="lacks 6 weights of evilmod:Net"):  # past the name: built, then checked
+        build_face_network(face_named, in_chans=3, data_size=(8, 8))
+
+
 def test_kdx_export_and_kdx_train_refuse_a_checkpoint_naming_a_module(tmp_path: Path, marker: Path) -> None:
     (tmp_path / "evilmod.py").write_text(EVIL_MODULE.format(marker=str(marker)))
     ckpt = _module_checkpoint(tmp_path / "c.ckpt", "evilmod:Net")

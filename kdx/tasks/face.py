@@ -48,7 +48,7 @@ def build_face_network(spec: ModelSpec, in_chans: int, data_size: Sequence[int])
         raise ConfigError(f"{spec.name or 'this network'} is an ONNX model (onnx={spec.onnx}) and cannot be "
                           "trained; train the student (task.network=student) or use a pair with a torch teacher")
     if spec.ckpt:  # start from a finished face run
-        net, _, meta = load_face_checkpoint(spec.ckpt)
+        net, _, meta = load_face_checkpoint(spec.ckpt, spec.name)
         return net, dict(meta["embedding_model"])
     kwargs = dict(spec.kwargs or {})
     embedding_size = int(kwargs.pop("embedding_size", 512))

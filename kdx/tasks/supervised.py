@@ -35,7 +35,7 @@ def model_spec(cfg, network: str) -> ModelSpec:
 def build_network(spec: ModelSpec, num_classes: int, in_chans: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A classifier from a model spec, with the metadata that rebuilds it from a checkpoint later."""
     if spec.ckpt:
-        net, meta = load_network(spec.ckpt, num_classes=num_classes)
+        net, meta = load_network(spec.ckpt, num_classes=num_classes, model_name=spec.name)
         return net, {k: meta[k] for k in ("model_name", "in_chans", "model_kwargs") if k in meta}
     if not spec.name:
         raise ConfigError("a network needs a name or a checkpoint: set teacher.name / student.name (or .ckpt)")
