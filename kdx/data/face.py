@@ -52,8 +52,13 @@ def readable_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, 
 class FaceTransform:
     """Path or PIL image -> normalised C x H x W tensor: colour mode, resize, optional flip, (x/255-mean)/std."""
 
-    def __init__(self, image_size=(112, 112), in_chans: int = 3, mean=0.5, std=0.5, flip: bool = False):
+    def __init__(self, image_size=(112, 112), in_chans: int = 3, mean=0.5, std=0.5, flip: bool = False,
+                 crop_scale: float = 1.0):
         self.size = as_hw(image_size)
+        if isinstance(crop_scale, bool) or not isinstance(crop_scale, (int, float)) or not 0 < crop_scale <= 1:
+            raise ConfigError(f"data.train_crop_scale must be in (0, 1] (the smallest share of the face kept by a "
+                              f"random crop; 1 is off), got {crop_scale!r}")
+        self.crop_scale = float(crop_scale)
         if in_chans not in (1, 3):
             raise ConfigError(f"data.in_chans must be 1 or 3, got {in_chans}")
         self.in_chans = in_chans
@@ -69,9 +74,18 @@ class FaceTransform:
         """Open a path (or take a PIL image) in the right colour mode and size."""
         return decode_image(item, self.in_chans, self.size, name=f"image {item}")
 
+    def random_crop(self, item) -> Image.Image:
+        """A random square-ish crop keeping a share in [crop_scale, 1] of the face's area, resized to the size."""
+        img = decode_image(item, self.in_chans, None, name=f"image {item}")
+        share, dy, dx = torch.rand(3).tolist()  # torch's generator: seeded per (seed, view, index) by seeded views
+        scale = (self.crop_scale + (1 - self.crop_scale) * share) ** 0.5
+        h, w = max(1, round(img.height * scale)), max(1, round(img.width * scale))
+        top, left = round(dy * (img.height - h)), round(dx * (img.width - w))
+        return decode_image(img.crop((left, top, left + w, top + h)), self.in_chans, self.size)
+
     def __call__(self, item) -> torch.Tensor:
         # numpy, not torch: per-image torch ops start OpenMP threads, which are slow on a busy CPU
-        img = self.load(item)
+        img = self.random_crop(item) if self.crop_scale < 1 else self.load(item)
         x = np.asarray(img, dtype=np.float32).reshape(img.height, img.width, -1).transpose(2, 0, 1) / 255.0
         if self.flip and torch.rand(()) < 0.5:
             x = x[:, :, ::-1]
@@ -96,7 +110,7 @@ class FaceImageDataset(Dataset):
         """The same faces, never flipped (the clean view)."""
         t = self.transform
         return FaceImageDataset(self.samples, FaceTransform(t.size, t.in_chans, t.mean.flatten().tolist(),
-                                                            t.std.flatten().tolist(), flip=False))
+                                                            t.std.flatten().tolist(), flip=False, crop_scale=1.0))
 
 
 class VerificationPairsDataset(Dataset):
@@ -152,6 +166,7 @@ class FaceFolderDataModule(KdxDataModule):
                  seed: int = 0, extensions: Sequence[str] = IMAGE_EXTENSIONS, pin_memory: bool = False,
                  test_identities: float | int | None = None, num_test_pairs: int | None = None,
                  sampler: str | None = None, labels: bool = True, crops: str | None = None,
+                 train_crop_scale: float = 1.0,
                  mix: dict | None = None, teacher_view: str = "consistent"):
         """`val_identities`: held-out fraction (0 < f < 1) or count; `num_val_pairs`: pairs built from them.
 
@@ -178,6 +193,7 @@ class FaceFolderDataModule(KdxDataModule):
         self.in_chans = int(in_chans)
         self.mean, self.std = mean, std
         self.train_flip = train_flip
+        self.train_crop_scale = train_crop_scale
         self.pairs_file = Path(pairs_file).expanduser() if pairs_file else None
         self.seed = int(seed)
         self.extensions = tuple(extensions)
@@ -187,7 +203,7 @@ class FaceFolderDataModule(KdxDataModule):
             raise ConfigError("data.sampler=balanced draws identities equally often, but label-free training "
                               "(data.labels=false or data.crops) has no identities; set data.sampler=null")
         self._split_done = False
-        FaceTransform(self.image_size, self.in_chans, mean, std)  # validate options early
+        FaceTransform(self.image_size, self.in_chans, mean, std, crop_scale=train_crop_scale)  # validate options early
 
     # ----------------------------------------------------------------- identity split and pairs
     def _num_held_out(self, n: int, key: str = "val_identities") -> int:
@@ -300,7 +316,8 @@ class FaceFolderDataModule(KdxDataModule):
         """Split identities and build the datasets (same result on every process for a given seed)."""
         self._prepare_split()
         self.train_set = FaceImageDataset(self.train_samples, FaceTransform(
-            self.image_size, self.in_chans, self.mean, self.std, flip=self.train_flip))
+            self.image_size, self.in_chans, self.mean, self.std, flip=self.train_flip,
+            crop_scale=self.train_crop_scale))
         eval_transform = FaceTransform(self.image_size, self.in_chans, self.mean, self.std, flip=False)
         self.val_set = VerificationPairsDataset(self.pairs, eval_transform)
         self.test_set = (VerificationPairsDataset(self._test_pairs, eval_transform)

@@ -11,13 +11,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kdx.checkpoints import plain_metadata
 from kdx.data.batch import as_train_batch
+from kdx.lit.layout import LayoutMixin
 from kdx.lit.loss_logging import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.losses.logits import mixed_cross_entropy
 from kdx.models import classifier_path
 
 
-class ClassifierModule(LossTermsMixin, pl.LightningModule):
+class ClassifierModule(LayoutMixin, LossTermsMixin, pl.LightningModule):
     """Cross-entropy training of `net` with top-1/top-5 accuracy; optional transfer-learning controls.
 
     Transfer learning: `freeze_backbone` trains only the classifier; `backbone_lr_scale` < 1 gives the
@@ -54,30 +55,8 @@ class ClassifierModule(LossTermsMixin, pl.LightningModule):
     def _backbone_params(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.net.named_parameters() if not n.startswith(self.head_path + ".")]
 
-    channels_last = False  # set True to train in NHWC layout (faster convolutions on GPUs with tensor cores)
-    compile_networks = False  # set True to torch.compile the networks in place at the start of fit (trainer.compile)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def on_fit_start(self) -> None:
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
-        if self.compile_networks:  # in place: parameter names, checkpoints and layer taps stay as they are
-            self.net.compile()
-            teacher = getattr(self, "_kdx_teacher", None)
-            if teacher is not None:
-                teacher.compile()
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if not self.channels_last:
-            return batch
-        if isinstance(batch, dict):  # a training record (kdx.data.batch): every image tensor in NHWC
-            return {k: v.contiguous(memory_format=torch.channels_last) if k.endswith("images") and v.ndim == 4 else v
-                    for k, v in batch.items()}
-        if isinstance(batch, (tuple, list)) and batch[0].ndim == 4:
-            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
-        return batch
 
     def regularisation(self) -> torch.Tensor | None:
         """L2-SP distance to the starting weights, or None when off."""

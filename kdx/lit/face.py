@@ -17,6 +17,7 @@ from torch import nn
 from kdx.checkpoints import plain_metadata
 from kdx.errors import ConfigError, DataError
 from kdx.data.batch import as_train_batch, batch_images
+from kdx.lit.layout import LayoutMixin
 from kdx.lit.loss_logging import LossTermsMixin
 from kdx.lit.optim import configure_optimization
 from kdx.losses.margin import build_margin_head, margin_loss
@@ -26,7 +27,7 @@ from kdx.models.embedding import fit_input, model_input_size
 DEFAULT_FARS = (1e-1, 1e-2, 1e-3)
 
 
-class FaceModule(LossTermsMixin, pl.LightningModule):
+class FaceModule(LayoutMixin, LossTermsMixin, pl.LightningModule):
     """An embedding network trained with a combined-margin softmax over the training identities.
 
     `net` maps B x C x H x W to B x D; batches of another size are resized to `input_size` first (so a small

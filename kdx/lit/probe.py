@@ -13,11 +13,12 @@ from kdx.data.batch import as_train_batch
 from kdx.errors import ConfigError
 from kdx.checkpoints import plain_metadata
 from kdx.lit.optim import configure_optimization
+from kdx.lit.layout import LayoutMixin
 from kdx.lit.loss_logging import LossTermsMixin
 from kdx.models import penultimate_features
 
 
-class LinearProbeModule(LossTermsMixin, pl.LightningModule):
+class LinearProbeModule(LayoutMixin, LossTermsMixin, pl.LightningModule):
     """Fit `Linear(features, classes)` with sigmoid + BCE (one-vs-rest) or softmax + CE; the teacher never changes."""
 
     def __init__(self, teacher: nn.Module, num_classes: int, num_features: int, loss: str = "bce",

@@ -66,7 +66,11 @@ class Task:
         self.check()
         if hasattr(dm, "view_seed"):
             dm.view_seed = int(self.cfg.seed)  # seeded views (data.seeded_views, the teacher cache) follow the seed
-        return self.build(dm)
+        built = self.build(dm)
+        # kdx's own trainer options, honoured by every task's module (kdx.lit.layout.LayoutMixin)
+        built.module.channels_last = bool(self.cfg.trainer.get("channels_last", False))
+        built.module.compile_networks = bool(self.cfg.trainer.get("compile", False))
+        return built
 
     def build(self, dm: Any) -> Built:  # pragma: no cover - abstract
         """The LightningModule of this run, built from the config and the (set-up) datamodule."""

@@ -60,5 +60,4 @@ class DistillTask(SupervisedTask):
                                     **self.classifier_kwargs(meta))
         apply_teacher_cache(module, dm, to_dict(self.cfg.data), host.get("teacher_cache"), int(self.cfg.seed),
                             self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher))
-        self.finish(module)
         return Built(module, {"network": count_parameters(net), "teacher": count_parameters(teacher)})

@@ -65,13 +65,7 @@ class SupervisedTask(Task):
         meta.update(class_names=list(dm.class_names), image_size=dm.image_size)
         return net, meta
 
-    def finish(self, module) -> None:
-        """The trainer options a classification module reads itself (NHWC layout, torch.compile)."""
-        module.channels_last = bool(self.cfg.trainer.get("channels_last", False))
-        module.compile_networks = bool(self.cfg.trainer.get("compile", False))
-
     def build(self, dm) -> Built:
         net, meta = self.trained_network(dm)
         module = ClassifierModule(net, dm.num_classes, **self.classifier_kwargs(meta))
-        self.finish(module)
         return Built(module, {"network": count_parameters(net)})
