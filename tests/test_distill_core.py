@@ -300,3 +300,23 @@ def test_distill_section_errors_name_the_key():
             build_distiller_set({"method": "kd", "mix": {"dkd": {"weight": weight}}})
     with pytest.raises(ConfigError, match=r"^distill.weight must be a finite number"):
         build_distiller_set({"method": "kd", "weight": True})
+
+
+def test_raw_and_weighted_terms_are_logged_under_names_that_say_which():
+    """One place weighs: train/loss_<term> = alpha x weight x train/raw_<term>; the hard term takes 1 - alpha."""
+    from kdx.lit import DistillationModule
+    from kdx.models import build_model
+
+    torch.manual_seed(0)
+    teacher, student = build_model("cnn_tiny", 4, in_chans=3), build_model("cnn_tiny", 4, in_chans=3)
+    module = DistillationModule(student, teacher, 4, distill={"method": "kd", "weight": 0.5, "mix": {"mse": {"weight": 2.0}}},
+                                alpha=0.8)
+    logged = {}
+    module.log = lambda name, value, **k: logged.__setitem__(name, float(value))
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    total = module.training_step({"images": x, "labels": y, "index": torch.arange(6)}, 0)
+    assert logged["train/loss_kd"] == pytest.approx(0.8 * 0.5 * logged["train/raw_kd"], rel=1e-6)
+    assert logged["train/loss_mse"] == pytest.approx(0.8 * 2.0 * logged["train/raw_mse"], rel=1e-6)
+    assert logged["train/loss_ce"] == pytest.approx(0.2 * logged["train/raw_ce"], rel=1e-6)
+    assert float(total) == pytest.approx(logged["train/loss_kd"] + logged["train/loss_mse"] + logged["train/loss_ce"],
+                                         rel=1e-6)

@@ -4,6 +4,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from kdx.distill import weigh_losses
 from kdx.data import SyntheticDataModule
 from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule
 from kdx.losses import kd_loss
@@ -106,7 +107,7 @@ def test_alpha_one_drops_the_hard_label_term(data, teacher):
     module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4, alpha=1.0)
     x, y = next(iter(data.val_dataloader()))
     s = module.net(x)
-    terms = module.mix_losses(module.supervised_losses(s, y), {"kd": s.sum() * 0})
+    terms = weigh_losses(module.supervised_losses(s, y), {"kd": s.sum() * 0}, {"kd": 1.0}, module.distill_alpha)
     assert set(terms) == {"kd"}
 
 
@@ -117,7 +118,7 @@ def test_l2sp_is_not_scaled_by_alpha_in_distillation(data, teacher):
         for p in module.net.parameters():
             p.add_(0.01)
     x, y = next(iter(data.val_dataloader()))
-    terms = module.mix_losses(module.supervised_losses(module.net(x), y), {})
+    terms = weigh_losses(module.supervised_losses(module.net(x), y), {}, {}, module.distill_alpha)
     assert terms["l2sp"].item() == pytest.approx(0.5 * module.regularisation().item(), rel=1e-6)
     assert terms["ce"].item() == pytest.approx(0.25 * F.cross_entropy(module.net(x), y).item(), rel=1e-5)
 
@@ -222,7 +223,7 @@ def test_training_step_logs_with_the_batch_size_and_refuses_clashing_terms(data,
     module.training_step((x[:5], y[:5]), 0)
     assert sizes and set(sizes) == {5}
     with pytest.raises(ConfigError, match=r"distillation terms \['ce'\] clash"):
-        module.mix_losses({"ce": torch.tensor(1.0)}, {"ce": torch.tensor(2.0)})
+        weigh_losses({"ce": torch.tensor(1.0)}, {"ce": torch.tensor(2.0)}, {"ce": 1.0}, 0.5)
 
 
 @pytest.mark.parametrize("alpha, ok", [(0, True), (0.0, True), (1, True), (0.35, True), (1.5, False), (-0.1, False),

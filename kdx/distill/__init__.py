@@ -13,12 +13,12 @@ from kdx.distill.base import (
     distiller_parameters,
     register_distiller,
 )
-from kdx.distill.mix import HOST_KEYS, DistillerSet, build_distiller_set, require_sample_indices, split_distill_config
+from kdx.distill.mix import HOST_KEYS, DistillerSet, build_distiller_set, require_sample_indices, split_distill_config, weigh_losses
 from kdx.distill.taps import LayerTaps, resolve_layer
 
 __all__ = [
     "HOST_KEYS", "DistillBatch", "Distiller", "DistillerSet", "LayerTaps", "available_distillers",
-    "build_distiller", "build_distiller_set", "require_sample_indices", "distiller_class", "distiller_parameters", "register_distiller",
+    "build_distiller", "build_distiller_set", "require_sample_indices", "distiller_class", "distiller_parameters", "register_distiller", "weigh_losses",
     "resolve_layer", "split_distill_config",
 ]
 

@@ -63,18 +63,41 @@ class DistillerSet(nn.Module):
         for d in self.methods.values():
             d.setup(probe, num_samples=num_samples)
 
-    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
-        """Each method's loss terms times its weight, by term name (methods whose weight is 0 are skipped)."""
-        out: dict[str, torch.Tensor] = {}
+    def raw_terms(self, batch: DistillBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Every method's raw loss terms by name (methods whose weight is 0 are skipped), and the weight of the
+        method each term comes from; `weigh_losses` is what combines them."""
+        raw: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
         for name, d in self.methods.items():
             weight = self.weights[name]
             if weight == 0:
                 continue
             for term, value in d(batch).items():
-                if term in out:
+                if term in raw:
                     raise ConfigError(f"distillation methods return the loss term {term!r} twice; mix each method once")
-                out[term] = weight * value
-        return out
+                raw[term], weights[term] = value, weight
+        return raw, weights
+
+    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        """Each method's loss terms times its weight, by term name."""
+        raw, weights = self.raw_terms(batch)
+        return {term: weights[term] * value for term, value in raw.items()}
+
+
+def weigh_losses(own: Mapping[str, torch.Tensor], raw: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                 alpha: float, hard_keys: Sequence[str] = ("ce",)) -> dict[str, torch.Tensor]:
+    """The one place losses are weighed: the student's hard-label terms (`hard_keys`) times (1 - alpha), its other
+    own terms (regularisers) as they are, and each distillation term times alpha times its method's weight.
+
+    Total = (1 - alpha) * hard + alpha * sum_m weight_m * loss_m (+ regularisers); a hard term whose scale is 0
+    is left out. A distillation term named like an own term is a ConfigError.
+    """
+    scale = 1.0 - alpha
+    mixed = {k: (v * scale if k in hard_keys else v) for k, v in own.items() if not (k in hard_keys and scale == 0)}
+    clash = set(mixed) & set(raw)
+    if clash:
+        raise ConfigError(f"distillation terms {sorted(clash)} clash with the student's own loss terms")
+    return {**mixed, **{term: alpha * (weights[term] * value) for term, value in raw.items()}}
 
 
 def split_distill_config(cfg: Mapping[str, Any]) -> list[tuple[str, float, dict[str, Any], str]]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdx.data.batch import TrainBatch, as_train_batch
-from kdx.distill import DistillBatch, DistillerSet, LayerTaps, build_distiller_set
+from kdx.distill import DistillBatch, DistillerSet, LayerTaps, build_distiller_set, weigh_losses
 from kdx.distill.cache import CacheUnavailable, TeacherCache, cache_key, check_cache_config, teacher_fingerprint
 from kdx.errors import ConfigError
 from kdx.lit.classifier import ClassifierModule
@@ -33,7 +33,8 @@ def check_alpha(alpha: float) -> float:
 class DistillationMixin:
     """Adds a frozen teacher and a set of weighted distillers to a LightningModule.
 
-    Total loss = alpha * sum_m weight_m * loss_m + (1 - alpha) * hard-label loss (+ unscaled regularisers).
+    Total loss = alpha * sum_m weight_m * loss_m + (1 - alpha) * hard-label loss (+ unscaled regularisers),
+    weighed in one place (`weighed_losses`, kdx.distill.weigh_losses).
     """
 
     _kdx_teacher: nn.Module | None = None
@@ -189,19 +190,12 @@ class DistillationMixin:
             cache.hits = cache.misses = 0
         super().on_train_epoch_end()
 
-    def distillation_losses(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
-        """Every distiller's terms times its weight times alpha, by name."""
-        return {name: self.distill_alpha * value for name, value in self.distillers(batch).items()}
-
-    def mix_losses(self, own: dict[str, torch.Tensor], distilled: dict[str, torch.Tensor],
-                   hard_keys: Sequence[str] = ("ce",)) -> dict[str, torch.Tensor]:
-        """Own hard-label terms scaled by (1 - alpha), other own terms as they are, plus the distillation terms."""
-        scale = 1.0 - self.distill_alpha
-        mixed = {k: (v * scale if k in hard_keys else v) for k, v in own.items() if not (k in hard_keys and scale == 0)}
-        clash = set(mixed) & set(distilled)
-        if clash:
-            raise ConfigError(f"distillation terms {sorted(clash)} clash with the student's own loss terms")
-        return {**mixed, **distilled}
+    def weighed_losses(self, own: dict[str, torch.Tensor], batch: DistillBatch,
+                       hard_keys: Sequence[str] = ("ce",)) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(weighted terms, raw terms) of one step: the student's own terms and every distiller's, weighed in one
+        place (kdx.distill.weigh_losses: alpha, 1 - alpha and the methods' weights)."""
+        raw, weights = self.distillers.raw_terms(batch)
+        return weigh_losses(own, raw, weights, self.distill_alpha, hard_keys), {**own, **raw}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -241,7 +235,8 @@ class DistillationModule(DistillationMixin, ClassifierModule):
         b = as_train_batch(batch)
         db = self.distill_batch(b, self._student_outputs, self._teacher_outputs)
         own = self.supervised_losses(db["student_logits"], b["labels"], b.get("partner_labels"), b.get("lam"))
-        return self.log_terms(self.mix_losses(own, self.distillation_losses(db)), batch_size=b["labels"].shape[0])
+        weighted, raw = self.weighed_losses(own, db)
+        return self.log_terms(weighted, batch_size=b["labels"].shape[0], raw=raw)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The student's groups, plus the distillers' trainable parts (connectors, heads) at the base lr."""

@@ -60,5 +60,5 @@ class FaceDistillationModule(DistillationMixin, FaceModule):
         db = self.distill_batch(b, self._student_outputs, self.teacher_outputs)
         y = b["labels"]
         own = self.own_losses(db["student_embedding"], y) if self.distill_alpha < 1 else {}
-        return self.log_terms(self.mix_losses(own, self.distillation_losses(db), hard_keys=("margin",)),
-                              batch_size=y.shape[0])
+        weighted, raw = self.weighed_losses(own, db, hard_keys=("margin",))
+        return self.log_terms(weighted, batch_size=y.shape[0], raw=raw)

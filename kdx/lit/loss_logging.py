@@ -9,18 +9,23 @@ SETTLE_EVERY = 50  # on accelerators, finiteness is read back every this many st
 
 
 class LossTermsMixin:
-    """`log_terms(terms, batch_size)`: log each weighted term as train/loss_<name> and return their sum.
+    """`log_terms(terms, batch_size, raw)`: log each weighted term as train/loss_<name> (what it adds to
+    train/loss), each raw term (before alpha and weights) as train/raw_<name>, and return the weighted sum.
 
     A NaN or infinite loss stops the run with a NonFiniteError naming the term and the step, before the
     optimizer applies it.
     """
 
-    def log_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """Sum the (already weighted) terms, log each as train/loss_<name> and the total as train/loss."""
+    def log_terms(self, terms: dict[str, torch.Tensor], batch_size: int,
+                  raw: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Sum the (already weighted) terms, log each as train/loss_<name>, the raw ones as train/raw_<name> and
+        the total as train/loss."""
         total = sum(terms.values())
         self.check_finite_terms(terms, total)
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
+        for name, value in (raw or {}).items():
+            self.log(f"train/raw_{name}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
         # sync_dist: the epoch mean of train/loss is over every rank's batches under DDP (a scalar all-reduce)
         self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size,
                  sync_dist=True)
