@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import kdx.conf as conf_package
 from kdx.errors import KdxError, RunInterrupted
-from kdx.io import RESULTS_FILE, read_results, write_json
+from kdx.io import RESULTS_FILE, disk_full_cause, disk_full_error, read_results, write_json
 from kdx.overrides import check_added_keys, explain_composition_error
 from kdx.ranks import is_global_zero_process
 from kdx.runs import current_sweep_dir, job_return_value, register_resolvers
@@ -33,6 +33,16 @@ CONFIG_DIR = str(Path(conf_package.__file__).parent)  # the same folder on disk,
 def _fail(error: KdxError) -> None:
     print(f"kdx: error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _hydra_file() -> Path | None:
+    """The .hydra/ file of the job Hydra was setting up when a write failed: in the folder given on the command
+    line (hydra.run.dir= / hydra.sweep.dir=), where there is one (Hydra has forgotten its config by then)."""
+    for arg in reversed(sys.argv[1:]):
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            return Path(value).expanduser().resolve() / ".hydra"
+    return None
 
 
 def _run_dir() -> Path:
@@ -182,6 +192,9 @@ def _run_hydra_main(main, config_name: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
         sys.exit(0)
     except Exception as e:
+        full = disk_full_cause(e)
+        if full is not None:  # a full disk anywhere (Hydra's own .hydra/ files included): one sentence, not a traceback
+            _fail(full if isinstance(full, KdxError) else disk_full_error(full, full.filename or _hydra_file()))
         if getattr(e, "_kdx_after_composition", False) or not isinstance(e, (HydraException, OmegaConfBaseException)):
             raise
         _fail(explain_composition_error(e, sys.argv[1:], CONFIG_DIR, config_name))

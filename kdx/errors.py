@@ -1,4 +1,5 @@
 """Errors a user can cause, each raised with one sentence that names the thing and what to do."""
+from __future__ import annotations
 
 
 class KdxError(Exception):
@@ -38,3 +39,11 @@ class NonFiniteError(KdxError, FloatingPointError):
 
 class RunInterrupted(KdxError):
     """The run was stopped by Ctrl-C or SIGTERM; it can be resumed."""
+
+
+class DiskFullError(KdxError, OSError):
+    """A disk kdx writes to has no space (ENOSPC) or no quota (EDQUOT) left; what was written before is whole.
+    `target` is the file that could not be written, `quota` whether a quota (not the disk) ran out."""
+
+    target: str | None = None
+    quota: bool = False

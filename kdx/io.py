@@ -2,6 +2,7 @@
 cleaning the temporaries a killed process left, results.json of a run, and a hash of the config behind it."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from kdx.errors import CheckpointError, RunBusyError
+from kdx.errors import CheckpointError, DiskFullError, RunBusyError
 
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".kdx-lock"  # held (flock) by the process that owns a run folder; the kernel releases it on any exit
@@ -23,6 +24,48 @@ SET_ASIDE_MARKERS = (".replaced-", ".incomplete-")
 # `.<name>.<random>.tmp`.
 _TEMPORARY = re.compile(r"^\..+\.tmp-(?P<pid>\d+)(-[0-9a-f]+)?$")
 _OLD_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_cause(error: BaseException | None) -> OSError | None:
+    """The error in `error`'s chain (itself, its cause or context) that says a disk is full (ENOSPC) or a quota
+    used up (EDQUOT): a DiskFullError, else such an OSError; None when there is none."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:
+        if isinstance(e, DiskFullError):
+            return e
+    return next((e for e in chain if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None)
+
+
+def disk_full_error(error: OSError, path: str | Path | None = None) -> DiskFullError:
+    """A DiskFullError for the disk-full OSError `error`, met writing `path` (default: the file it names)."""
+    target = path if path is not None else (error.filename2 or error.filename)
+    full = DiskFullError(f"{disk_full_sentence(error, target)}; free space there or write to another disk")
+    full.target, full.quota = (os.fsdecode(target) if target is not None else None), error.errno == errno.EDQUOT
+    return full
+
+
+def disk_full_sentence(error: OSError, path: str | Path | None = None) -> str:
+    """`no space left on the disk holding FOLDER (writing NAME)`: the folder of the write that failed (the
+    target of a copy or rename where there is one), or of `path`."""
+    if isinstance(error, DiskFullError):
+        target, quota = (path if path is not None else error.target), error.quota
+    else:
+        target, quota = (path if path is not None else (error.filename2 or error.filename)), error.errno == errno.EDQUOT
+    where = Path(os.fsdecode(target)) if target is not None else None
+    what = "no quota left" if quota else "no space left"
+    if where is None:
+        return f"{what} on the disk holding the run folder"
+    folder, name = where.parent, where.name
+    if name.startswith(".") and ".tmp-" in name:  # kdx's temporary: name the file it stands for
+        name = name[1:].split(".tmp-", 1)[0]
+    return f"{what} on the disk holding {folder} (writing {name})"
 
 
 def temporary_path(path: str | Path) -> Path:
@@ -56,9 +99,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write `path` through; on success it is flushed and renamed over `path`.
 
     Whatever happens before the rename (an exception, a kill), `path` keeps its previous complete content.
+    A full disk (or quota) is a DiskFullError naming the folder, with the temporary removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if disk_full_cause(e) is None:
+            raise
+        raise disk_full_error(e, path) from e
     tmp = temporary_path(path)
     try:
         yield tmp
@@ -66,9 +115,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        full = disk_full_cause(e)
+        if full is None or isinstance(e, DiskFullError):
+            raise
+        raise disk_full_error(full, path) from e
     fsync_dir(path.parent)
 
 

@@ -34,6 +34,22 @@ def run_cli(script: str, *args: str, cwd: Path, env: dict | None = None, timeout
                           stdin=subprocess.DEVNULL, timeout=timeout)
 
 
+def mount_tmpfs(path: Path, size: str) -> None:
+    """A real small filesystem at `path` (tmpfs of `size`, e.g. "256k"), to fill up; skips where mounting is
+    not allowed (not root, or a container without the capability)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the full-disk case is not tested here")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); full disk not tested")
+
+
+def umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 def compose_train(overrides: list[str], return_hydra_config: bool = False):
     """The composed kdx-train config for `overrides` (no run)."""
     from hydra import compose, initialize_config_dir

@@ -50,8 +50,8 @@ def test_nan_loss_stops_the_run_naming_term_and_step_and_keeps_finite_checkpoint
 
     own = ClassifierModule.supervised_losses
 
-    def poisoned(self, logits, y):  # the loss turns NaN in the second epoch
-        terms = own(self, logits, y)
+    def poisoned(self, logits, y, *mixed):  # the loss turns NaN in the second epoch
+        terms = own(self, logits, y, *mixed)
         if self.current_epoch == 1:
             terms["ce"] = terms["ce"] * float("nan")
         return terms
@@ -173,6 +173,94 @@ def test_metrics_rows_after_the_checkpoint_and_a_cut_row_are_dropped_before_resu
     (tmp_path / "metrics.csv").write_text("epoch,step,val/acc1\n0,7,0.5\n1,15,0.9\n2,19,0.95\n2,2")
     trim_rows_after(tmp_path, global_step=16)
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step,val/acc1", "0,7,0.5", "1,15,0.9"]
+
+
+# --------------------------------------------------------------------------- a full disk
+def test_a_full_disk_while_writing_is_one_sentence_naming_the_folder_and_no_temporary_is_left(tmp_path: Path,
+                                                                                                 monkeypatch) -> None:
+    import errno
+
+    from kdx.errors import DiskFullError
+    from kdx.io import atomic_write_text, disk_full_cause
+
+    target = tmp_path / "run" / "results.json"
+    atomic_write_text(target, "old\n")
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(DiskFullError, match=rf"^no space left on the disk holding {tmp_path / 'run'} \(writing "
+                                            r"results\.json\); free space there or write to another disk$") as info:
+        atomic_write_text(target, "new\n")
+    assert disk_full_cause(RuntimeError("wrapped")) is None and disk_full_cause(info.value) is info.value
+    assert target.read_text() == "old\n" and [p.name for p in target.parent.iterdir()] == ["results.json"]
+
+
+def test_a_run_whose_checkpoint_meets_a_full_disk_records_why_in_one_sentence(tmp_path: Path, monkeypatch) -> None:
+    """In-process, the checkpoint's rename answering ENOSPC: DiskFullError naming the folder, results.json failed
+    with that sentence and no traceback, no temporary left (the real filesystem: the test below)."""
+    import errno
+
+    from kdx.errors import DiskFullError
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".ckpt"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run_dir = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=rf"^run {run_dir} stopped: no quota left on the disk holding "
+                                            rf"{run_dir / 'checkpoints'} \(writing best\.ckpt\); .* then run the "
+                                            "same command again$") as info:
+        run_training(teacher_cfg(), run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and results["error"] == f"DiskFullError: {info.value}"
+    assert "traceback" not in results and "resume_command" not in results
+    assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_a_run_on_a_full_disk_stops_with_one_sentence_and_resumes_once_there_is_room(tmp_path: Path) -> None:
+    """kdx-train in its own process, its run folder on a real 1.7 MB tmpfs and the system temp folder full: the
+    first epoch's two checkpoints (~0.65 MB each) fit, the second epoch's best.ckpt does not. One sentence
+    names the checkpoint folder and the resume command (not a traceback); results.json says failed, why;
+    every file is whole; with room made, that command finishes the run. Checkpoints are never staged in the
+    system temp folder (Lightning's fsspec transaction wrote them there first)."""
+    from conftest import mount_tmpfs, umount
+    from kdx.checkpoints import read_checkpoint
+
+    disk, temp = tmp_path / "disk", tmp_path / "systemp"
+    mount_tmpfs(disk, "1700k")
+    try:
+        mount_tmpfs(temp, "4k")
+        try:
+            (temp / "fill").write_bytes(b"x" * 8192)
+        except OSError:
+            pass
+        run_dir = disk / "run"
+        args = ["experiment=synthetic/teacher", "trainer.max_epochs=3", *QUIET, "logger=csv"]
+        env = {"TMPDIR": str(temp)}
+        out = run_cli("kdx-train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, env=env)
+        line = one_error_line(out)
+        assert f"run {run_dir} stopped: no space left on the disk holding {run_dir / 'checkpoints'} (writing " in line
+        assert line.endswith(f"then resume it with: kdx-train {' '.join(args)} resume={run_dir}"), line
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "failed" and results["error"] == "DiskFullError: " + line[len("kdx: error: "):]
+        assert "traceback" not in results and results["checkpoints"]["last"]
+        assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0
+        assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        again = run_cli("kdx-train", *args, f"resume={run_dir}", cwd=tmp_path, env=env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "completed" and results["resumes"] == 1 and results["epochs"] == 3
+    finally:
+        umount(temp)
+        umount(disk)
 
 
 # --------------------------------------------------------------------------- concurrent runs
@@ -311,7 +399,7 @@ def test_a_decompression_bomb_is_named(tmp_path: Path) -> None:
             Image.new("RGB", (16, 16), colour).save(data / cls / f"{j}.png")
     bomb_png(data / "b" / "bomb.png")
     out = run_cli("kdx-train", "experiment=synthetic/teacher", "data=image_folder", f"data.root={data}",
-                  "data.image_size=16", "data.num_workers=0", "trainer.max_epochs=1", *QUIET, cwd=tmp_path)
+                  "data.image_size=16", "data.num_workers=0", "data.batch_size=4", "trainer.max_epochs=1", *QUIET, cwd=tmp_path)
     assert "bomb.png is too large to decode safely" in one_error_line(out)
 
 

@@ -18,7 +18,7 @@ from kdx.distill.cache import (CLAIMED, TeacherCache, _compress, _expand, cache_
 from kdx.errors import ConfigError
 from kdx.models import build_model
 
-from conftest import compose_train
+from conftest import compose_train, mount_tmpfs, umount
 
 
 class CountingTeacher:
@@ -362,24 +362,6 @@ def test_a_claim_of_a_killed_process_not_yet_reaped_is_taken_over_at_once(tmp_pa
         os.waitpid(pid, 0)
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    import subprocess
-
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; the full-disk case is not tested here")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); full disk not tested")
-
-
-def _umount(path: Path) -> None:
-    import subprocess
-
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 FILL_STORE = """
 import sys, warnings
 import torch
@@ -404,12 +386,12 @@ def test_a_full_disk_under_the_store_stops_storing_with_one_warning_not_a_sigbus
     import sys
 
     disk = tmp_path / "disk"
-    _mount_tmpfs(disk, "1m")
+    mount_tmpfs(disk, "1m")
     try:
         done = subprocess.run([sys.executable, "-c", FILL_STORE, str(disk)], capture_output=True, text=True,
                               timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
-        _umount(disk)
+        umount(disk)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "writable False served 2048" in done.stdout
     assert done.stderr.count("the disk is full; the teacher is computed from now on without storing") == 1, done.stderr
@@ -420,7 +402,7 @@ def test_a_run_whose_cache_disk_is_full_completes_with_one_warning(synthetic_tea
     from conftest import run_cli
 
     disk = tmp_path / "disk"
-    _mount_tmpfs(disk, "256k")
+    mount_tmpfs(disk, "256k")
     try:
         n = 0
         try:  # fill the filesystem page by page, then free exactly one page (for the store's meta.json)
@@ -435,7 +417,7 @@ def test_a_run_whose_cache_disk_is_full_completes_with_one_warning(synthetic_tea
                        "distill.teacher_cache.mode=disk", f"distill.teacher_cache.dir={disk}",
                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=240)
     finally:
-        _umount(disk)
+        umount(disk)
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
     assert done.stderr.count("the disk is full") == 1, done.stderr[-3000:]
     import json

@@ -26,9 +26,9 @@ from rich.console import Console
 import kdx
 from kdx.checkpoints import check_resume_fits, read_checkpoint
 from kdx.configs import build_datamodule, to_dict
-from kdx.errors import KdxError, NonFiniteError, RunInterrupted
-from kdx.io import (RESULTS_FILE, atomic_path, claim_folder, clean_stale_temporaries, config_hash, read_results,
-                    release_folder, write_json)
+from kdx.errors import DiskFullError, KdxError, NonFiniteError, RunInterrupted
+from kdx.io import (RESULTS_FILE, atomic_path, claim_folder, clean_stale_temporaries, config_hash, disk_full_cause,
+                    disk_full_sentence, read_results, release_folder, write_json)
 from kdx.progress import RunClock
 from kdx.ranks import is_global_zero_process, is_rank_zero
 from kdx.runs import (LAST_CKPT, RESUME_CKPT_ENV, RESUME_KEYS, check_run_dir, default_resume_command,
@@ -163,9 +163,19 @@ def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *
             trim_rows_after(run_dir, int(resume_state.get("global_step") or 0))
         elif action == "fresh" and not _worker:  # rows of an abandoned attempt (killed before any checkpoint)
             (run_dir / "metrics.csv").unlink(missing_ok=True)
-        write_json(run_dir / RESULTS_FILE, results)
-        with atomic_path(run_dir / "config.yaml") as tmp:
-            OmegaConf.save(cfg, tmp, resolve=True)
+        try:
+            write_json(run_dir / RESULTS_FILE, results)
+            with atomic_path(run_dir / "config.yaml") as tmp:
+                OmegaConf.save(cfg, tmp, resolve=True)
+        except DiskFullError as e:
+            error = _run_disk_full(run_dir, e, {}, resume_command)
+            results.update(status="failed", error=f"{type(error).__name__}: {error}")
+            results.pop("resume_command", None)
+            try:  # the removed temporary may have left room for this small file
+                write_json(run_dir / RESULTS_FILE, results)
+            except DiskFullError:
+                pass
+            raise error from None
     if multirun and owner and not _worker and needs_isolated_ddp(to_dict(cfg.trainer)):
         code = run_ddp_worker(run_dir, resume_ckpt)
         final = read_results(run_dir) or {}
@@ -226,18 +236,26 @@ def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *
         # after Ctrl-C, loader workers may die first and surface as another error: it is still an interrupt
         interrupted = _is_interrupt(e, trainer) or bool(ctrl_c)
         kept = _kept_checkpoints(run_dir, ckpt_cb)
+        full = None if interrupted else disk_full_cause(e)
+        error = _run_disk_full(run_dir, full, kept, resume_command) if full is not None else e
         results.update(status="interrupted" if interrupted else "failed",
-                       error=None if interrupted else f"{type(e).__name__}: {e}",
+                       error=None if interrupted else f"{type(error).__name__}: {error}",
                        time={"total_s": round(time.time() - started, 2)}, checkpoints=kept)
-        if not interrupted and not isinstance(e, KdxError):
+        if not interrupted and not isinstance(error, KdxError):
             results["traceback"] = traceback.format_exc(limit=20)
-        if not (interrupted and kept["last"]):  # nothing a resume could continue (or a failure it would repeat)
+        if not ((interrupted or full is not None) and kept["last"]):  # nothing a resume could continue
             results.pop("resume_command", None)
         try:
             _finish_wandb(trainer, results, failed=True)
         finally:
             if is_rank_zero():
-                write_json(run_dir / RESULTS_FILE, results)
+                try:
+                    write_json(run_dir / RESULTS_FILE, results)
+                except DiskFullError:  # results.json keeps its last whole version; the sentence below says why
+                    if full is None:
+                        raise
+        if full is not None:
+            raise error from None
         if interrupted:
             if kept["last"]:
                 raise RunInterrupted(f"run {run_dir} interrupted ({_interrupt_name(e)}); its last finished epoch is "
@@ -252,6 +270,17 @@ def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *
     if is_rank_zero():
         write_json(run_dir / RESULTS_FILE, results)
     return results
+
+
+def _run_disk_full(run_dir: Path, full: OSError, kept: dict[str, Any], resume_command: str) -> DiskFullError:
+    """One sentence for a run stopped by a full disk (or quota): the folder, and how to go on from there."""
+    after = (f"then resume it with: {resume_command}" if kept.get("last") else
+             "then run the same command again")
+    error = DiskFullError(f"run {run_dir} stopped: {disk_full_sentence(full)}; its files are whole (every write "
+                          f"goes through a temporary file); free space there (or give hydra.run.dir on a disk with "
+                          f"room), {after}")
+    error.target, error.quota = getattr(full, "target", None) or full.filename, getattr(full, "quota", False)
+    return error
 
 
 def _watch_sigint() -> tuple[Any, list]:

@@ -40,15 +40,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Writing: the metadata is made plain (kdx.checkpoints.plain_checkpoint), the weights are checked to be
     finite (a NaN model is never written over a good one), and the file goes to a temporary name in the same
     folder that is renamed into place, so a crash or a kill while saving leaves the previous checkpoint intact.
+    The bytes are written here, not by Lightning's fsspec transaction, which stages every checkpoint in the
+    system temp folder (a small /tmp failed the save under a path the user never chose); a full disk is one
+    DiskFullError naming the checkpoint folder.
     Reading (resume, test from best.ckpt): weights_only=True, so a checkpoint cannot run code.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("kdx checkpoints take no storage_options")
         plain_checkpoint(checkpoint)
         check_finite_weights(checkpoint.get("state_dict") or {},
                              f" at epoch {int(checkpoint.get('epoch', 0)) + 1}, step {checkpoint.get('global_step')}")
+        buffer = io.BytesIO()  # serialised first: torch's own file writer turns ENOSPC into a RuntimeError
+        torch.save(checkpoint, buffer)
         with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
             pause = os.environ.get(FAULT_PAUSE_ENV)
             if pause:  # fault injection (scripts/faults.py): a kill in this window hits a half-done save
                 time.sleep(float(pause))
