@@ -1,5 +1,6 @@
 """FitNet, AT, VID and ReviewKD: each loss against a float64 re-derivation from its paper / reference code, edge
-cases, the connectors, and the four methods trained through the registry on real networks."""
+cases, the connectors, and the feature methods (NST too, whose formula test_nst.py checks) trained through the
+registry on real networks."""
 from __future__ import annotations
 
 import math
@@ -306,6 +307,7 @@ def distill_run(name: str, params: dict, steps: int = 5, lr: float = 0.05):
     ("fitnet", {"student_layer": "features.2", "teacher_layer": "layer3", "spatial": "pool",
                 "connector": "convreg"}, 0.05, 4),
     ("at", {"p": 2}, 10.0, 0),
+    ("nst", {}, 10.0, 0),
     ("vid", {"init_pred_var": 2.0}, 0.02, 8),
     ("reviewkd", {"warmup_epochs": 2}, 0.05, 22),
 ])
@@ -412,7 +414,7 @@ def test_reviewkd_levels_warmup_and_widths():
 
 
 def test_presets_compose_with_the_reference_weights():
-    want = {"fitnet": 100.0, "at": 1000.0, "vid": 1.0, "reviewkd": 5.0}
+    want = {"fitnet": 100.0, "at": 1000.0, "nst": 50.0, "vid": 1.0, "reviewkd": 5.0}
     for name, weight in want.items():
         section = OmegaConf.to_container(compose_train([f"distill={name}"]).distill, resolve=True)
         assert section["weight"] == weight and section["alpha"] == 0.5
@@ -428,6 +430,7 @@ def test_presets_compose_with_the_reference_weights():
 STAGE_METHODS = [("fitnet", "distill.student_layer", "distill.teacher_layer", False),
                  ("sp", "distill.student_layer", "distill.teacher_layer", False),
                  ("at", "distill.student_layers", "distill.teacher_layers", True),
+                 ("nst", "distill.student_layers", "distill.teacher_layers", True),
                  ("vid", "distill.student_layers", "distill.teacher_layers", True),
                  ("reviewkd", "distill.student_layers", "distill.teacher_layers", True)]
 

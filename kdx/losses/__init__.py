@@ -3,7 +3,7 @@
 The methods that use them (and are found by name) live in kdx.distill.
 """
 from kdx.losses.contrastive import ContrastMemory, crd_loss, crd_nce_loss
-from kdx.losses.features import attention_map, attention_transfer_loss, fitnet_loss, hcl_loss, vid_loss
+from kdx.losses.features import attention_map, attention_transfer_loss, fitnet_loss, hcl_loss, nst_loss, vid_loss
 from kdx.losses.face import (
     EMBEDDING_LOSSES,
     EmbeddingProjector,
@@ -25,7 +25,7 @@ __all__ = [
     "margin_loss", "normsoftmax", "relational_kd_loss",
     "attention_map", "attention_transfer_loss", "bce_soft_loss", "check_temperature",
     "dist_loss", "dkd_loss", "fitnet_loss", "kd_loss", "logit_mse_loss", "logit_standardize",
-    "mixed_cross_entropy",
+    "mixed_cross_entropy", "nst_loss",
     "ContrastMemory", "crd_loss", "crd_nce_loss", "hcl_loss", "pkt_loss", "rkd_angle_loss", "rkd_distance_loss",
     "rkd_loss", "sp_loss", "vid_loss",
 ]

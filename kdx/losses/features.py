@@ -1,7 +1,7 @@
 """Distillation losses on intermediate feature maps (B x C x H x W tensors read by module path).
 
-FitNet (Romero et al. 2015), attention transfer (Zagoruyko & Komodakis 2017), VID (Ahn et al. 2019) and
-ReviewKD's hierarchical context loss (Chen et al. 2021). Student argument first; the teacher is never
+FitNet (Romero et al. 2015), attention transfer (Zagoruyko & Komodakis 2017), neuron selectivity transfer (Huang &
+Wang 2017), VID (Ahn et al. 2019) and ReviewKD's hierarchical context loss (Chen et al. 2021). Student argument first; the teacher is never
 differentiated (it carries no graph). Half-precision inputs are computed in float32.
 """
 from __future__ import annotations
@@ -67,6 +67,39 @@ def attention_transfer_loss(s_feat: torch.Tensor, t_feat: torch.Tensor, p: float
     """
     s_feat, t_feat = pool_to_smaller(s_feat, t_feat)
     return (attention_map(s_feat, p) - attention_map(t_feat, p)).pow(2).mean()
+
+
+def unit_channel_maps(feature: torch.Tensor) -> torch.Tensor:
+    """B x C x HW: each channel's activation map flattened over spatial positions and scaled to unit L2 norm.
+
+    Each map is first divided by its largest magnitude (which leaves the unit map unchanged), so maps of values
+    as large as 1e30 or as small as 1e-30 are normalised correctly in float32 instead of overflowing to 0 or
+    underflowing to a tiny vector; an all-zero map stays zero.
+    """
+    maps = _full(feature).flatten(2)
+    peak = maps.abs().amax(dim=2, keepdim=True)
+    maps = maps / peak.clamp_min(torch.finfo(maps.dtype).tiny)
+    return F.normalize(maps, dim=2)
+
+
+def nst_loss(s_feat: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
+    """Huang & Wang 2017 neuron selectivity transfer for ONE stage: the squared MMD between the student's and the
+    teacher's channels, each channel a sample (its L2-normalised activation map over the spatial positions),
+    with the polynomial kernel k(x, y) = (x . y)^2, averaged over the batch:
+
+        mean_ij k(t_i, t_j) + mean_ij k(s_i, s_j) - 2 mean_ij k(s_i, t_j)
+
+    (means over all pairs of channels of one sample). Channel counts may differ. When the spatial sizes differ
+    the larger map is adaptive-average-pooled down to the smaller one, as the mdistiller reference code does.
+    Sum this over stages for the paper's loss (before its weight lambda).
+    """
+    s_feat, t_feat = pool_to_smaller(s_feat, t_feat)
+    s, t = unit_channel_maps(s_feat), unit_channel_maps(t_feat)
+
+    def kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
+
+    return kernel_mean(t, t) + kernel_mean(s, s) - 2 * kernel_mean(s, t)
 
 
 def vid_loss(pred_mean: torch.Tensor, pred_var: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
