@@ -41,8 +41,10 @@ bench: $(STAMP) data
 	$(PY) scripts/bench_cache.py
 
 # Fault soak: kill -9 a small run and a small sweep at random moments (some during a checkpoint write), resume,
-# and check that no file is corrupt, no finished job is redone and the final metrics equal an uninterrupted run.
-# `make faults FAULT_CYCLES=40 FAULT_SWEEP_CYCLES=20` soaks longer; the test suite runs a 3 + 2 cycle version.
+# and check that no file is corrupt, no finished job is redone and the final metrics equal an uninterrupted run;
+# then a run folder on a full tmpfs (root only, else skipped with the reason) and images changed in place under
+# a teacher cache. `make faults FAULT_CYCLES=40 FAULT_SWEEP_CYCLES=20` soaks longer; the test suite runs a
+# 3 + 2 cycle version without the last two (they have their own tests).
 FAULT_CYCLES ?= 12
 FAULT_SWEEP_CYCLES ?= 6
 faults: $(STAMP)

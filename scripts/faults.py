@@ -11,7 +11,17 @@ killed in that pause), at a random moment of an epoch, or at start-up. After eve
 whole (results.json parses, every checkpoint loads with weights_only=True, metrics.csv parses); at the end it
 resumes to completion and checks that the final metrics equal those of an uninterrupted run with the same
 seed, that metrics.csv has no duplicate rows and holds only rows of the uninterrupted run, that no temporary
-file is left, and that no finished sweep job was trained again. It prints the counts and exits 1 on any failure.
+file is left, and that no finished sweep job was trained again.
+
+Two more cycles (each off with --no-full-disk / --no-changed-data):
+- full disk: a run whose folder is a real 1.7 MB tmpfs (mounted where the script runs as root; skipped with the
+  reason otherwise) fills it in its second epoch; it must stop with one sentence naming the folder and the
+  resume command, leave every file whole, and, once the filesystem is grown, resume to the metrics of an
+  uninterrupted run;
+- changed data: distillation runs with a teacher cache on disk over a folder of images; the images are
+  replaced in place (same names, count and file sizes) between runs, and the next run must compute every
+  teacher row again (hit rate 0) and end exactly where a run with a fresh store ends.
+It prints the counts and exits 1 on any failure.
 """
 from __future__ import annotations
 
@@ -38,8 +48,9 @@ class Soak:
 
     def __init__(self) -> None:
         self.counts = {"kills": 0, "kills during a checkpoint write": 0, "resumes": 0, "temporaries cleaned": 0,
-                       "files checked": 0}
+                       "files checked": 0, "full-disk stops": 0, "changed-data reruns": 0}
         self.problems: list[str] = []
+        self.skipped: list[str] = []
 
     def problem(self, text: str) -> None:
         print(f"  PROBLEM: {text}", flush=True)
@@ -250,6 +261,127 @@ def soak_sweep(work: Path, cycles: int, rng: random.Random, soak: Soak) -> None:
         compare_run(work / "sweep_ref" / job, sweep / job, soak, f"sweep job {job}")
 
 
+# --------------------------------------------------------------------------- a full disk under the run folder
+DISK_ARGS = ["experiment=synthetic/teacher", "trainer.max_epochs=3", "data.train_size=512", "trainer.deterministic=true",
+             "trainer.progress_bar=none", "logger=csv"]
+DISK_SIZE = "1700k"  # the first epoch's best.ckpt and last.ckpt (~0.65 MB each) fit; the second epoch's do not
+
+
+def _mount(path: Path, size: str) -> str | None:
+    """Mount a tmpfs of `size` at `path`; the reason when it cannot be done, else None."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    return None if done.returncode == 0 else f"mount failed: {done.stderr.strip() or done.returncode}"
+
+
+def soak_full_disk(work: Path, soak: Soak) -> None:
+    print(f"full disk: a run on a {DISK_SIZE} tmpfs, stopped by the full disk, then resumed with room", flush=True)
+    disk = work / "disk"
+    reason = _mount(disk, DISK_SIZE)
+    if reason:
+        soak.skipped.append(f"full-disk cycle ({reason})")
+        print(f"  skipped: {reason}", flush=True)
+        return
+    try:
+        ref = run([*DISK_ARGS, f"hydra.run.dir={work / 'disk_ref'}"], work, work / "disk_ref.log")
+        if ref.returncode:
+            soak.problem(f"the full-disk reference run failed (see {work / 'disk_ref.log'})")
+            return
+        folder = disk / "run"
+        full = subprocess.run([str(BIN / "kdx-train"), *DISK_ARGS, f"hydra.run.dir={folder}"], cwd=work, env=env(),
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900)
+        (work / "disk.log").write_text(full.stdout + full.stderr)
+        lines = full.stderr.strip().splitlines()
+        if full.returncode != 2 or len(lines) != 1 or "stopped: no space left on the disk holding" not in lines[0]:
+            soak.problem(f"a full run folder gave exit {full.returncode} and {len(lines)} line(s) on stderr, not one "
+                         f"sentence: {lines[-1][:300] if lines else ''}")
+        soak.counts["full-disk stops"] += 1
+        check_files(folder, soak)
+        left = temporaries(folder)
+        if left:
+            soak.problem(f"the full disk left temporaries: {left}")
+        results = json.loads((folder / "results.json").read_text())
+        if results.get("status") != "failed" or "DiskFullError" not in str(results.get("error")):
+            soak.problem(f"results.json after the full disk: status {results.get('status')!r}, "
+                         f"error {results.get('error')!r}")
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        resume = [*DISK_ARGS, f"resume={folder}"] if (folder / "checkpoints" / "last.ckpt").is_file() else \
+            [*DISK_ARGS, f"hydra.run.dir={folder}"]
+        soak.counts["resumes"] += int("resume=" in resume[-1])
+        if run(resume, work, work / "disk.log").returncode:
+            soak.problem(f"the run did not finish once the disk had room (see {work / 'disk.log'})")
+            return
+        compare_run(work / "disk_ref", folder, soak, "full-disk run")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# --------------------------------------------------------------------------- data changed between cached runs
+def write_images(root: Path, seed: int) -> None:
+    """4 class folders of 8 BMP images, 16 px (a fixed file size: a rewrite changes only pixels and mtimes)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k in range(4):
+        (root / f"class_{k}").mkdir(parents=True, exist_ok=True)
+        for i in range(8):
+            base = np.zeros((16, 16, 3), dtype=np.float32)
+            base[..., k % 3] = 200.0 if k < 3 else 100.0
+            img = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class_{k}" / f"img_{i}.bmp", "BMP")
+
+
+def hit_rate(run_dir: Path) -> float | None:
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv", newline="")))
+    rates = [float(r["train/teacher_cache_hit_rate"]) for r in rows if r.get("train/teacher_cache_hit_rate")]
+    return rates[-1] if rates else None
+
+
+def soak_changed_data(work: Path, soak: Soak) -> None:
+    print("changed data: cached distillation runs, the images replaced in place between them", flush=True)
+    images, log = work / "images", work / "data.log"
+    write_images(images, seed=0)
+    data = ["data=image_folder", f"data.root={images}", "data.image_size=16", "data.num_workers=0",
+            "data.batch_size=8", "trainer.max_epochs=1", "trainer.deterministic=true", "trainer.progress_bar=none",
+            "logger=csv"]
+    if run(["experiment=synthetic/teacher", *data, f"hydra.run.dir={work / 'data_teacher'}"], work, log).returncode:
+        soak.problem(f"the changed-data teacher run failed (see {log})")
+        return
+    teacher = work / "data_teacher" / "checkpoints" / "best.ckpt"
+    cached = ["experiment=synthetic/kd", f"teacher.ckpt={teacher}", *data, "distill.teacher_cache.mode=disk",
+              "distill.teacher_cache.views=1"]
+
+    def distill(name: str, store: str) -> dict | None:
+        folder = work / name
+        if run([*cached, f"distill.teacher_cache.dir={work / store}", f"hydra.run.dir={folder}"], work, log).returncode:
+            soak.problem(f"the cached run {name} failed (see {log})")
+            return None
+        return {"hit_rate": hit_rate(folder), "metrics": json.loads((folder / "results.json").read_text())["metrics"]}
+
+    cold, warm = distill("data_cold", "store"), distill("data_warm", "store")
+    if not cold or not warm:
+        return
+    if (cold["hit_rate"], warm["hit_rate"]) != (0.0, 1.0):
+        soak.problem(f"the unchanged data gave hit rates {cold['hit_rate']} then {warm['hit_rate']}, not 0 then 1")
+    sizes = sorted(p.stat().st_size for p in images.rglob("*.bmp"))
+    write_images(images, seed=1)  # the same names, count and sizes; other pixels
+    if sorted(p.stat().st_size for p in images.rglob("*.bmp")) != sizes:
+        soak.problem("the rewritten images changed size; the cycle would not test a same-size replacement")
+    changed, fresh = distill("data_changed", "store"), distill("data_fresh", "fresh_store")
+    soak.counts["changed-data reruns"] += 1
+    if not changed or not fresh:
+        return
+    if changed["hit_rate"] != 0.0:
+        soak.problem(f"after the images changed, the cache served a share {changed['hit_rate']} of stale teacher rows")
+    if changed["metrics"] != fresh["metrics"]:
+        soak.problem(f"after the images changed, the cached run ended at {changed['metrics']}, not where a run with a "
+                     f"fresh store ends ({fresh['metrics']})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the soak; print the counts; 0 when every check passed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -257,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-cycles", type=int, default=6, help="kill/resume cycles on the sweep (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     parser.add_argument("--work", default=None, help="working folder (default: a new temporary folder)")
+    parser.add_argument("--full-disk", action=argparse.BooleanOptionalAction, default=True,
+                        help="the full-disk cycle (a tmpfs; needs root, else skipped with the reason)")
+    parser.add_argument("--changed-data", action=argparse.BooleanOptionalAction, default=True,
+                        help="the changed-data cycle (teacher cache over images replaced in place)")
     args = parser.parse_args(argv)
     import tempfile
 
@@ -268,9 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         soak_run(work, args.cycles, rng, soak)
     if args.sweep_cycles:
         soak_sweep(work, args.sweep_cycles, rng, soak)
+    if args.full_disk:
+        soak_full_disk(work, soak)
+    if args.changed_data:
+        soak_changed_data(work, soak)
     print(f"\nfault soak in {work} ({time.time() - t0:.0f} s):")
     for name, value in soak.counts.items():
         print(f"  {name:32s} {value}")
+    for what in soak.skipped:
+        print(f"  skipped: {what}")
     print(f"  {'problems':32s} {len(soak.problems)}")
     for p in soak.problems:
         print(f"    - {p}")
