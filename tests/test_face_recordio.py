@@ -274,3 +274,17 @@ def test_a_dataset_of_no_images_and_a_bad_label_found_while_counting(tmp_path):
     bad = _write_rec(tmp_path / "bad", [(1, 0.0, _jpeg("red")), (2, 0.5, _jpeg("red"))])  # no property file
     with pytest.raises(DataError, match=r"record 2 of .*train.rec has its identity label 0.5"):
         RecordFaceDataset(bad)
+
+
+def test_the_fingerprint_changes_when_the_record_file_is_rewritten(tmp_path):
+    """The teacher cache's key (kdx.data.fingerprint): a train.rec rewritten in place with other images of the
+    same sizes is another dataset."""
+    import os
+
+    records = [(5, 1.0, _jpeg("blue")), (7, 0.0, _jpeg("red"))]
+    folder = _write_rec(tmp_path / "rec", records)
+    first = RecordFaceDataset(folder).fingerprint()
+    assert RecordFaceDataset(folder).fingerprint() == first
+    _write_rec(folder, list(reversed(records)))
+    os.utime(folder / "train.rec", ns=(1, 10 ** 18))  # whatever the clock's resolution
+    assert RecordFaceDataset(folder).fingerprint() != first

@@ -486,6 +486,15 @@ def test_fingerprints_follow_contents_and_ignore_what_does_not_change_them(tmp_p
     assert dataset_fingerprint(Subset(a, [1])) != dataset_fingerprint(Subset(a, [0]))
     assert dataset_fingerprint(ConcatDataset([a, a])) != dataset_fingerprint(a)
     assert dataset_fingerprint(object()) is None  # says nothing: the host warns
+    from kdx.data.face import FaceImageDataset  # face folders: their (path, identity) samples, not a method
+
+    face = tmp_path / "id0" / "a.png"
+    face.parent.mkdir()
+    face.write_bytes(b"png?")
+    faces = FaceImageDataset([(str(face), 0)], transform=None)
+    before = dataset_fingerprint(faces)
+    os.utime(face, ns=(1, 10 ** 18))
+    assert before is not None and dataset_fingerprint(faces) != before
     f = tmp_path / "x.bin"
     f.write_bytes(b"1234")
     first = files_fingerprint([f])
