@@ -82,8 +82,12 @@ class Distiller(nn.Module):
 _REGISTRY: dict[str, type[Distiller]] = {}
 
 
-def register_distiller(cls: type[Distiller]) -> type[Distiller]:
-    """Class decorator: make `cls` buildable by its `name` (`distill.method=<name>`)."""
+def register_distiller(cls: type[Distiller] | None = None) -> type[Distiller]:
+    """Class decorator, used bare (`@register_distiller` on a Distiller subclass): make `cls` buildable by its
+    `name` (`distill.method=<name>`). The name is the class's `name`, so the decorator takes no arguments."""
+    if not (isinstance(cls, type) and issubclass(cls, Distiller)):
+        raise TypeError(f"@register_distiller takes no arguments and decorates a Distiller subclass (got "
+                        f"{cls!r}); set the method's name as the class attribute `name`")
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no `name`")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:

@@ -1,9 +1,10 @@
 """One registry of networks by name: kdx's own, torchvision's (`tv:`), timm's (`timm:`) and the user's own
 classes by import path (`my_pkg.nets:TinyNet`). Every classifier it builds meets kdx.models.contract.
 
-kdx's nets register themselves in their own files with `@register_model` (a factory
-`f(num_classes, in_chans, **kw)`); `embedding=True` marks a net whose forward returns an embedding (the face
-nets), which `build_embedding_model` builds as it is instead of replacing a classifier.
+kdx's nets register themselves in their own files with `@register_model` (under the factory's own name) or
+`@register_model("name")` on a factory `f(num_classes, in_chans, **kw)`; `embedding=True` marks a net whose
+forward returns an embedding (the face nets), which `build_embedding_model` builds as it is instead of replacing
+a classifier.
 """
 from __future__ import annotations
 
@@ -36,18 +37,35 @@ class ModelEntry:
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str | None = None, *, embedding: bool = False) -> Callable[[Factory], Factory]:
-    """Decorator that adds a factory `f(num_classes, in_chans, **kw)` (or an nn.Module class) to the registry
-    under `name` (default: the factory's own name)."""
+def register_model(name: str | Factory | None = None, *, embedding: bool = False) -> Any:
+    """Add a factory `f(num_classes, in_chans, **kw)` (or an nn.Module class) to the registry; returns it unchanged.
+
+    Either way works:
+
+        @register_model                                  # registered as "tiny_net", the factory's own name
+        def tiny_net(num_classes, in_chans=3): ...
+
+        @register_model("tiny", embedding=True)          # under a name of its own; embedding nets say so
+        def tiny_face_net(num_classes, in_chans=3): ...
+    """
+    if callable(name):  # bare @register_model: the factory itself came in as `name`
+        return _register(name, name.__name__, embedding)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"register_model takes a model name (a string) or a factory, got {type(name).__name__}")
 
     def deco(fn: Factory) -> Factory:
-        key = name or fn.__name__
-        if key in _MODELS and _MODELS[key].factory is not fn:
-            raise ValueError(f"model name {key!r} is already registered")
-        _MODELS[key] = ModelEntry(fn, embedding)
-        return fn
+        return _register(fn, name or fn.__name__, embedding)
 
     return deco
+
+
+def _register(fn: Factory, key: str, embedding: bool) -> Factory:
+    if not callable(fn):
+        raise TypeError(f"register_model({key!r}) decorates a factory or an nn.Module class, got {type(fn).__name__}")
+    if key in _MODELS and _MODELS[key].factory is not fn:
+        raise ValueError(f"model name {key!r} is already registered")
+    _MODELS[key] = ModelEntry(fn, embedding)
+    return fn
 
 
 def registered_models() -> dict[str, Factory]:

@@ -34,19 +34,19 @@ class SmallCNN(ClassifierNet):
         return self.neck(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model()
+@register_model
 def cnn_tiny(num_classes: int = 10, in_chans: int = 1, **_: object) -> SmallCNN:
     """Two stages of 8 and 16 channels (~4k parameters at 10 classes): the smallest student."""
     return SmallCNN((8, 16), num_classes, in_chans)
 
 
-@register_model()
+@register_model
 def cnn_small(num_classes: int = 10, in_chans: int = 1, **_: object) -> SmallCNN:
     """Two stages of 16 and 32 channels (~17k parameters at 10 classes)."""
     return SmallCNN((16, 32), num_classes, in_chans)
 
 
-@register_model()
+@register_model
 def cnn_medium(num_classes: int = 10, in_chans: int = 1, **_: object) -> SmallCNN:
     """Three stages of 32, 64 and 128 channels with a 256-unit hidden layer (~0.32M parameters)."""
     return SmallCNN((32, 64, 128), num_classes, in_chans, hidden=256)
