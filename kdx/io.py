@@ -290,12 +290,6 @@ def read_results(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def is_finished(run_dir: str | Path) -> bool:
-    """True when the folder holds a results.json whose status is `completed`."""
-    results = read_results(run_dir)
-    return bool(results) and results.get("status") == "completed"
-
-
 def config_hash(config: dict[str, Any]) -> str:
     """A short stable hash of a (resolved) config, to tell whether two runs were asked the same thing."""
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -40,21 +40,6 @@ def weights_size_bytes(net: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-@torch.inference_mode()
-def time_forward(net: nn.Module, input_shape: Sequence[int], batch_size: int, runs: int, warmup: int = 3) -> list[float]:
-    """Wall-clock seconds of `runs` eval-mode forward passes at `batch_size` (after `warmup` untimed ones)."""
-    net.eval()
-    x = torch.randn(batch_size, *input_shape)
-    for _ in range(warmup):
-        net(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        net(x)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     """(first quartile, median, third quartile) of `values` (inclusive method; all equal for one value)."""
     values = sorted(values)
