@@ -89,7 +89,9 @@ def register_distiller(cls: type[Distiller] | None = None) -> type[Distiller]:
         raise TypeError(f"@register_distiller takes no arguments and decorates a Distiller subclass (got "
                         f"{cls!r}); set the method's name as the class attribute `name`")
     if not cls.name:
-        raise ValueError(f"{cls.__name__} has no `name`")
+        raise ValueError(f"{cls.__name__} has no `name`: give the class the name its presets use, e.g. "
+                         f"`name = \"{cls.__name__.lower()}\"` under `class {cls.__name__}(Distiller):`; "
+                         f"@register_distiller registers the method under it (distill.method=<name>)")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"distiller name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
     unknown = set(cls.needs) - set(OUTPUTS)
