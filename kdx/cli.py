@@ -23,7 +23,7 @@ from kdx.errors import KdxError, RunInterrupted
 from kdx.io import RESULTS_FILE, disk_full_cause, disk_full_error, read_results, write_json
 from kdx.overrides import check_added_keys, explain_composition_error
 from kdx.ranks import is_global_zero_process
-from kdx.runs import current_sweep_dir, job_return_value, register_resolvers
+from kdx.runs import current_sweep_dir, job_return_value, record_refusal, register_resolvers
 
 register_resolvers()  # ${kdx.run_dir:...} in hydra.run.dir / hydra.sweep.dir (resume=)
 CONFIG_PACKAGE = "pkg://kdx.conf"  # the configs ship inside the package: a checkout and a wheel find them alike
@@ -129,8 +129,11 @@ def _sweep_resume_command() -> str:
 def _record_failure(run_dir: Path, error: BaseException) -> None:
     """Write results.json status=failed for a job that failed before run_training could (bad config)."""
     previous = read_results(run_dir)
-    if previous and previous.get("status") in ("failed", "completed", "interrupted"):
-        return  # run_training recorded it, or the job is a finished run left untouched
+    if previous and previous.get("status") == "completed":  # a finished run refused: left untouched, counted failed
+        record_refusal(Path(HydraConfig.get().sweep.dir), run_dir, error)
+        return
+    if previous and previous.get("status") in ("failed", "interrupted"):
+        return  # run_training recorded it
     write_json(run_dir / RESULTS_FILE, {"status": "failed", "error": f"{type(error).__name__}: {error}",
                                         "run_dir": str(run_dir), "overrides": _task_overrides()})
 

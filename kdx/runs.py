@@ -8,6 +8,7 @@ loads SweepSummary and the `${kdx.run_dir:...}` resolver at once.
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import sys
@@ -61,10 +62,33 @@ def resolve_run_dir(resume: Any, base: str, stamp: str) -> str:
     return str(resume)
 
 
+def hydra_output_subdir(force: Any = False, subdir: str = ".hydra") -> str | None:
+    """Where Hydra saves a job's config.yaml, hydra.yaml and overrides.yaml (`hydra.output_subdir`): `subdir`,
+    or None (nothing saved) when the job's folder already holds a finished run and force= is off.
+
+    Hydra writes those files before the job starts, so without this a re-run that skips or refuses a finished
+    run would overwrite the files that describe how it was made. Hydra reads `hydra.output_subdir` right after
+    setting the job's output folder, which is where this looks.
+    """
+    from hydra.core.hydra_config import HydraConfig  # light; Hydra is loaded whenever this resolver runs
+
+    if not is_resume_off(force) and str(force).lower() != "0":  # force=true replaces the run: its files too
+        return subdir
+    try:
+        output_dir = HydraConfig.get().runtime.output_dir
+    except Exception:  # no Hydra job (composing in a test, a script): nothing is written anyway
+        return subdir
+    results = read_results(Path(str(output_dir))) if output_dir else None
+    return None if results and results.get("status") == "completed" else subdir
+
+
 def register_resolvers() -> None:
-    """Register `${kdx.run_dir:resume,base,stamp}` (used by hydra.run.dir and hydra.sweep.dir in train.yaml)."""
+    """Register `${kdx.run_dir:resume,base,stamp}` (used by hydra.run.dir and hydra.sweep.dir in train.yaml) and
+    `${kdx.output_subdir:force}` (hydra.output_subdir: Hydra's files of a finished run are left as they are)."""
     if not OmegaConf.has_resolver("kdx.run_dir"):
         OmegaConf.register_new_resolver("kdx.run_dir", resolve_run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("kdx.output_subdir"):
+        OmegaConf.register_new_resolver("kdx.output_subdir", hydra_output_subdir, use_cache=False)
 
 
 register_resolvers()
@@ -140,9 +164,13 @@ def check_run_dir(run_dir: Path, cfg: DictConfig | None, identity: Identity,
         if (resume or multirun) and same:
             return "skip", None, results
         if resume or multirun:
-            raise RunExistsError(f"{run_dir} already holds a finished run made with a different config; "
-                                 f"pass force=true to rerun it (the old one is kept as {run_dir.name}.replaced-TIME) "
-                                 f"or choose another folder")
+            changes = config_changes(run_dir, cfg, identity) if cfg is not None else []
+            shown = (", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
+                     if changes else "its config hash")
+            raise RunExistsError(f"{run_dir} already holds a finished run made with a different config (it differs "
+                                 f"in {shown}); run the sweep with the settings it was made with, pass force=true to "
+                                 f"rerun it (the old one is kept as {run_dir.name}.replaced-TIME), or choose another "
+                                 f"folder")
         raise RunExistsError(f"{run_dir} already holds a finished run ({RESULTS_FILE}); resume=true reports it, "
                              f"force=true reruns it (keeping the old one), or choose another output folder "
                              f"(hydra.run.dir=...)")
@@ -198,12 +226,49 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return found
 
 
+REFUSED_DIR = ".kdx-refused"  # under a sweep folder: jobs refused since a finished run in their folder differs
+
+
+def _refusal_file(sweep_dir: Path, job_dir: Path) -> Path:
+    rel = Path(job_dir).resolve().relative_to(Path(sweep_dir).resolve())
+    return Path(sweep_dir) / REFUSED_DIR / ("__".join(rel.parts) + ".json")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_refusal(sweep_dir: Path, job_dir: Path, error: BaseException | str) -> None:
+    """Note that a sweep job refused to run in `job_dir` (a finished run is there, made with another config).
+
+    The finished run's own files are left untouched (its results.json still says completed), so the refusal is
+    recorded beside them, under the sweep folder, where the end-of-sweep summary counts it as a failure.
+    """
+    from kdx.io import write_json
+
+    try:
+        path = _refusal_file(sweep_dir, job_dir)
+    except ValueError:  # the job's folder is not inside the sweep folder: nothing to count it in
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"run_dir": str(job_dir), "error": f"{type(error).__name__}: {error}"
+                      if isinstance(error, BaseException) else str(error), "at": time.time()})
+
+
 def summarize_sweep(sweep_dir: Path, since: float | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(completed job folders, [(failed job folder, error)]) of a sweep; with `since`, only failures recorded after it."""
+    """(completed job folders, [(failed job folder, error)]) of a sweep; with `since`, only failures recorded after it.
+    A finished job that this invocation refused to re-run with another config (record_refusal) is a failure."""
     done, failed = [], []
     for job in job_dirs(sweep_dir):
         results = read_results(job) or {}
-        if results.get("status") == "completed":
+        refusal = _refusal_file(sweep_dir, job)
+        if refusal.is_file() and (since is None or refusal.stat().st_mtime >= since - 1):
+            failed.append((job, str(_read_json(refusal).get("error") or "refused")))
+        elif results.get("status") == "completed":
             done.append(job)
         elif since is not None and (job / RESULTS_FILE).stat().st_mtime < since - 1:
             continue  # an earlier invocation's failure that this one did not run again

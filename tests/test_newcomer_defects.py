@@ -48,3 +48,29 @@ def test_a_distiller_without_name_is_told_how_to_fix_it(tmp_path, monkeypatch):
     with pytest.raises((ValueError, ConfigError)) as err:
         build_distiller("nameless_method.NoName")
     assert "has no `name`" in str(err.value) and 'name = "noname"' in str(err.value)
+
+
+# ---------------------------------------------------------------- a resumed sweep whose configs differ
+
+def _hydra_files(job: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((job / ".hydra").glob("*.yaml"))}
+
+
+@pytest.mark.slow
+def test_a_resumed_sweep_with_another_config_fails_names_the_keys_and_leaves_the_jobs(tmp_path, synthetic_teacher):
+    sweep = tmp_path / "sweep"
+    base = ["-m", "experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", *FAST, "distill.temperature=2,3"]
+    first = run_cli("kdx-train", *base, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {job: (_hydra_files(sweep / job), (sweep / job / "results.json").read_bytes()) for job in ("0", "1")}
+
+    refused = run_cli("kdx-train", *base, "distill.alpha=0.25", f"resume={sweep}", cwd=tmp_path)
+    assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "0 job(s) completed, 2 failed" in refused.stdout
+    assert "distill.alpha (0.9 -> 0.25)" in refused.stderr  # the differing key, old and new value
+    for job in ("0", "1"):  # the finished jobs' files are as they were
+        assert (_hydra_files(sweep / job), (sweep / job / "results.json").read_bytes()) == before[job]
+
+    again = run_cli("kdx-train", *base, f"resume={sweep}", cwd=tmp_path)  # the settings it was made with
+    assert again.returncode == 0 and "2 job(s) completed, 0 failed" in again.stdout, again.stderr[-2000:]
+    assert all(_hydra_files(sweep / job) == before[job][0] for job in ("0", "1"))
