@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, run_cli
 
@@ -32,7 +33,6 @@ def test_the_readmes_own_method_says_name_and_registers(tmp_path, monkeypatch):
     (tmp_path / "readme_method.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     method = build_distiller("readme_method.MyMethod", {"temperature": 2.0})
-    import torch
 
     losses = method({"student_logits": torch.randn(4, 3), "teacher_logits": torch.randn(4, 3)})
     assert set(losses) == {"my_term"} and losses["my_term"].item() >= 0
@@ -74,3 +74,56 @@ def test_a_resumed_sweep_with_another_config_fails_names_the_keys_and_leaves_the
     again = run_cli("kdx-train", *base, f"resume={sweep}", cwd=tmp_path)  # the settings it was made with
     assert again.returncode == 0 and "2 job(s) completed, 0 failed" in again.stdout, again.stderr[-2000:]
     assert all(_hydra_files(sweep / job) == before[job][0] for job in ("0", "1"))
+
+
+# ---------------------------------------------------------------- kdx-eval of an exported model: its normalisation
+
+class TanhColour(torch.nn.Module):
+    """Embedding = tanh of the mean colour: tells colours apart on normalised input, saturates on raw 0..255."""
+
+    def forward(self, x):
+        return torch.tanh(x.mean(dim=(2, 3)))
+
+
+def _faces(root: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i, c in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]):
+        (root / f"id{i}").mkdir(parents=True)
+        for j in range(4):
+            arr = np.clip(np.array(c) + rng.integers(-10, 10, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"id{i}" / f"{j}.png")
+    return root
+
+
+def test_kdx_eval_applies_the_exports_normalisation_and_honours_mean_std(tmp_path, capsys):
+    from kdx.eval.cli import eval_main
+
+    model = tmp_path / "face.onnx"
+    torch.onnx.export(TanhColour(), torch.zeros(1, 3, 8, 8), str(model), dynamo=False, input_names=["images"],
+                      output_names=["embedding"], dynamic_axes={"images": {0: "n", 2: "h", 3: "w"}})
+    faces = _faces(tmp_path / "faces")
+
+    def accuracy(*extra: str) -> tuple[float, str]:
+        out = tmp_path / "m.json"
+        assert eval_main([str(model), str(faces), "--num-pairs", "40", "--image-size", "16", "16", "--out", str(out),
+                          *extra]) == 0
+        return json.loads(out.read_text())["metrics"]["accuracy"], capsys.readouterr().out
+
+    raw, printed = accuracy()  # no description beside it: raw 0..255 values, said so
+    assert raw < 0.75 and "raw values in [0, 255]" in printed
+    given, printed = accuracy("--mean", "0.5", "--std", "0.5")  # no longer ignored for ONNX
+    assert given == 1.0 and "(x/255 - 0.5) / 0.5 (--mean/--std)" in printed
+    (tmp_path / "face.onnx.json").write_text(json.dumps({"normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    recorded, printed = accuracy()
+    assert recorded == 1.0 and "recorded in face.onnx.json" in printed
+
+
+def test_classifier_exports_record_their_normalisation(synthetic_teacher, tmp_path):
+    from kdx.export import export_network, sidecar_path
+
+    export_network(synthetic_teacher, tmp_path / "c.onnx", format="onnx", check=False)
+    side = json.loads(sidecar_path(tmp_path / "c.onnx").read_text())
+    assert side["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # the synthetic data's

@@ -51,6 +51,55 @@ def _pairs_note(pairs, split):
     return Selection("pairs file", [], {}, text)
 
 
+def _one(values):
+    return values[0] if values is not None and len(values) == 1 else values
+
+
+def _describe(mean, std, source: str) -> str:
+    return f"(x/255 - {_one(mean)}) / {_one(std)} ({source})"
+
+
+def onnx_input_scaling(args) -> tuple[dict, str | None]:
+    """(OnnxEmbeddingModel keyword arguments, a description of the model's input) for an .onnx model; ({}, None)
+    for a checkpoint.
+
+    The images reach an ONNX model normalised with 0.5/0.5, which the model wrapper undoes; what the model itself
+    takes is then, in this order: --mean/--std when given (on [0, 1] values unless --value-range says otherwise),
+    the `normalization` its kdx-export description `<model>.json` records, or raw values in --value-range
+    (default 0..255, as external models such as SFace take them).
+    """
+    from kdx.export import sidecar_path
+
+    model = Path(args.model).expanduser()
+    if model.suffix.lower() != ".onnx":
+        return {}, None
+    kwargs = dict(channel_order=args.channel_order, input_mean=0.5, input_std=0.5, device=args.device)
+    data_args = (args.mean, args.std)
+    args.mean, args.std = [0.5], [0.5]  # how the data reaches the wrapper (undone there)
+    side = sidecar_path(model)
+    recorded = None
+    if side.is_file():
+        try:
+            recorded = (json.loads(side.read_text()) or {}).get("normalization")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+    if data_args[0] is not None:
+        mean, std, source = data_args[0], data_args[1], "--mean/--std"
+    elif isinstance(recorded, dict) and recorded.get("mean") is not None and recorded.get("std") is not None:
+        mean, std, source = recorded["mean"], recorded["std"], f"recorded in {side.name}"
+    else:
+        value_range = tuple(args.value_range or (0.0, 255.0))
+        kwargs.update(value_range=value_range)
+        why = f"{side.name} records no normalisation" if side.is_file() else f"no {side.name} beside it"
+        return kwargs, (f"raw values in [{value_range[0]:g}, {value_range[1]:g}] ({why}; --mean/--std set a "
+                        f"normalisation)")
+    value_range = tuple(args.value_range or (0.0, 1.0))
+    kwargs.update(value_range=value_range, mean=mean if isinstance(mean, list) else [mean],
+                  std=std if isinstance(std, list) else [std])
+    scale = "x/255" if value_range == (0.0, 1.0) else f"x in [{value_range[0]:g}, {value_range[1]:g}]"
+    return kwargs, f"({scale} - {_one(kwargs['mean'])}) / {_one(kwargs['std'])} ({source})"
+
+
 def format_metrics(metrics: dict) -> str:
     """The metrics dict as an aligned two-column text table."""
     width = max(len(k) for k in metrics)
@@ -77,10 +126,15 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs built from a face folder")
     p.add_argument("--image-size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"))
     p.add_argument("--in-chans", type=int, default=3, choices=(1, 3))
-    p.add_argument("--mean", type=float, default=0.5, help="input normalisation mean (x/255 - mean)/std")
-    p.add_argument("--std", type=float, default=0.5)
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="the model's input normalisation (x/255 - mean)/std, one value or one per channel (default: "
+                        "0.5; for an .onnx model the `normalization` of its kdx-export description <model>.json, "
+                        "else none: raw values in --value-range)")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="see --mean")
     p.add_argument("--channel-order", default="RGB", choices=("RGB", "BGR"), help="ONNX models only")
-    p.add_argument("--value-range", type=float, nargs=2, default=(0.0, 255.0), help="ONNX models only")
+    p.add_argument("--value-range", type=float, nargs=2, default=None,
+                   help="ONNX models only: the pixel range the model takes before --mean/--std (default 0 255, or "
+                        "0 1 when a normalisation applies)")
     p.add_argument("--flip", action="store_true", help="add the embeddings of horizontally flipped images")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
@@ -90,9 +144,14 @@ def eval_main(argv: list[str] | None = None) -> int:
                    help="the network's import path (my_nets:FaceNet) when the checkpoint records one: a file never "
                         "chooses a module to import, so you name it")
     args = p.parse_args(argv)
+    if (args.mean is None) != (args.std is None):
+        p.error("--mean and --std go together: pass both (the normalisation is (x/255 - mean)/std)")
     try:
-        onnx_kwargs = dict(channel_order=args.channel_order, value_range=tuple(args.value_range),
-                           input_mean=args.mean, input_std=args.std, device=args.device)
+        onnx_kwargs, scaling = onnx_input_scaling(args)
+        if scaling is None:  # a checkpoint: the images are normalised as it was trained, here by --mean/--std
+            given = args.mean is not None
+            args.mean, args.std = args.mean or [0.5], args.std or [0.5]
+            scaling = _describe(args.mean, args.std, "--mean/--std" if given else "the default; --mean/--std change it")
         model = load_embedding_model(args.model, args.model_name, **onnx_kwargs)
         dataset, selection = _dataset(args, recorded_split(args.model))
         t0 = time.time()
@@ -103,6 +162,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(f"kdx-eval: error: {e}", file=sys.stderr)
         return 2
     print(f"model       {args.model}\ndata        {args.data}")
+    print(f"input       {scaling}")
     if selection is not None:
         print(f"identities  {selection.description}")
     fewer = (f"; all the same-identity pairs these identities allow, fewer than --num-pairs {args.num_pairs}"

@@ -8,6 +8,7 @@ import torch
 
 from kdx.checkpoints import load_network
 from kdx.configs import to_dict
+from kdx.data.transforms import input_normalization
 from kdx.errors import ConfigError
 from kdx.lit import ClassifierModule
 from kdx.models import build_model
@@ -62,7 +63,8 @@ class SupervisedTask(Task):
     def trained_network(self, dm) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The network `task.network` names, and its checkpoint metadata (classes, image size)."""
         net, meta = build_network(model_spec(self.cfg, self.options.network), dm.num_classes, dm.in_chans)
-        meta.update(class_names=list(dm.class_names), image_size=dm.image_size)
+        meta.update(class_names=list(dm.class_names), image_size=dm.image_size,
+                    normalization=input_normalization(dm))  # what an export states its input to be
         return net, meta
 
     def build(self, dm) -> Built:
