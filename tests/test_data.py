@@ -135,7 +135,7 @@ def test_fashion_mnist_missing_everywhere_says_how_to_get_it(tmp_path, monkeypat
     monkeypatch.delenv("KDX_FMNIST_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
-        locate_fashion_mnist(str(tmp_path / "empty"), download=False)
+        locate_fashion_mnist(None, download=False)
 
 
 def test_not_an_idx_file(tmp_path):

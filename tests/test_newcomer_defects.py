@@ -127,3 +127,33 @@ def test_classifier_exports_record_their_normalisation(synthetic_teacher, tmp_pa
     export_network(synthetic_teacher, tmp_path / "c.onnx", format="onnx", check=False)
     side = json.loads(sidecar_path(tmp_path / "c.onnx").read_text())
     assert side["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # the synthetic data's
+
+
+# ---------------------------------------------------------------- data.root given but without the data
+
+def test_an_explicit_fashion_mnist_root_without_the_files_is_an_error_naming_it(tmp_path):
+    nowhere = tmp_path / "nowhere"
+    out = run_cli("kdx-train", "data=fmnist", "data.val_size=10", f"data.root={nowhere}", "data.download=false", *FAST,
+                  cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stdout[-1500:] + out.stderr[-1500:]
+    assert f"data.root={nowhere} does not hold the Fashion-MNIST IDX files" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_explicit_root_is_where_a_download_goes_and_must_succeed(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    from kdx.data.fashion_mnist import locate_fashion_mnist
+    from kdx.errors import DataError
+
+    seen = []
+
+    class Offline:  # the mirror cannot be reached
+        def __init__(self, root, train, download):
+            seen.append(root)
+            raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    with pytest.raises(DataError, match="download to .*nowhere failed"):
+        locate_fashion_mnist(str(tmp_path / "nowhere"), download=True)
+    assert seen == [str(tmp_path / "nowhere")]  # never the system copy, never another folder

@@ -52,25 +52,52 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _holds_all(folder: Path) -> bool:
+    return all(_find(folder, stem) for pair in FILES.values() for stem in pair)
+
+
 def locate_fashion_mnist(root: str | None, download: bool) -> Path:
-    """Folder holding the four IDX files: `root`, $KDX_FMNIST_ROOT, Debian's package, or a torchvision download."""
-    candidates = [Path(p).expanduser() for p in (root, os.environ.get("KDX_FMNIST_ROOT"), DEBIAN_DIR, "data/fashion-mnist") if p]
+    """Folder holding the four IDX files.
+
+    A `root` given (data.root) is the only place looked at: it holds the files, or with `download` they are
+    downloaded there, else it is a DataError naming it (never a silent fall-back on another copy). Without
+    one: $KDX_FMNIST_ROOT, Debian's package, ./data/fashion-mnist, then a torchvision download to the latter.
+    """
+    if root:
+        folder = Path(root).expanduser()
+        if _holds_all(folder):
+            return folder
+        if download:
+            _download(folder, [folder])
+            return folder
+        raise DataError(f"data.root={root} does not hold the Fashion-MNIST IDX files ({', '.join(FILES['train'])}, "
+                        f"...); point data.root at the folder that does, set data.download=true to fetch them there, "
+                        f"or drop data.root to use the system copy")
+    candidates = [Path(p).expanduser() for p in (os.environ.get("KDX_FMNIST_ROOT"), DEBIAN_DIR, "data/fashion-mnist") if p]
     for folder in candidates:
-        if all(_find(folder, stem) for pair in FILES.values() for stem in pair):
+        if _holds_all(folder):
             return folder
     if download:
-        target = Path(root or "data/fashion-mnist").expanduser()
-        try:
-            from torchvision.datasets import FashionMNIST
-
-            FashionMNIST(str(target), train=True, download=True)
-            FashionMNIST(str(target), train=False, download=True)
-            return target
-        except Exception as e:  # no network, or the mirror is down
-            raise DataError(f"Fashion-MNIST is not in {', '.join(map(str, candidates))} and the download failed ({e}); "
-                            f"run `apt-get install dataset-fashion-mnist` or set data.root to a folder with the IDX files") from e
+        target = Path("data/fashion-mnist")
+        _download(target, candidates)
+        return target
     raise DataError(f"Fashion-MNIST is not in {', '.join(map(str, candidates))}; run `apt-get install "
                     f"dataset-fashion-mnist`, set data.root, or set data.download=true")
+
+
+def _download(target: Path, looked_in: list[Path]) -> None:
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(target), train=True, download=True)
+        FashionMNIST(str(target), train=False, download=True)
+    except Exception as e:  # no network, or the mirror is down
+        raise DataError(f"Fashion-MNIST is not in {', '.join(map(str, looked_in))} and the download to {target} failed "
+                        f"({e}); run `apt-get install dataset-fashion-mnist` or set data.root to a folder with the IDX "
+                        f"files") from e
+    if not _holds_all(target):
+        raise DataError(f"the Fashion-MNIST download to {target} left the IDX files incomplete; remove {target} and "
+                        f"try again, or set data.root to a folder with the files")
 
 
 class FashionMNISTDataModule(KdxDataModule):
