@@ -114,24 +114,38 @@ class RunClock(Callback):
 
 
 class EpochSummary(Callback):
-    """Prints one line per validated epoch: epoch (counted from 1), its time, the logged metrics and the run's ETA."""
+    """Prints one line per validated epoch: epoch (counted from 1), its time, the logged metrics and the run's ETA.
+
+    Lightning validates before the training epoch ends, and only then reduces the epoch's training loss, so the
+    line is printed at the end of the training epoch with the validation metrics kept from its validation: the
+    loss shown is this epoch's, not the previous one's.
+    """
 
     def __init__(self, clock: RunClock) -> None:
         self.clock = clock
+        self._validated: tuple[int, dict[str, float], float, int] | None = None  # epoch, val metrics, time, done
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        shown = {k: float(v) for k, v in trainer.callback_metrics.items()
-                 if k.startswith("val/") or k == "train/loss_epoch"}
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self._validated = (int(trainer.current_epoch), shown, time.monotonic() - self.clock.epoch_start,
+                           len(self.clock.epoch_times))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self._validated is None or self._validated[0] != int(trainer.current_epoch):
+            return
+        _, shown, elapsed, done_before = self._validated
+        self._validated = None
+        loss = trainer.callback_metrics.get("train/loss_epoch")
+        if loss is not None:
+            shown = {**shown, "train/loss_epoch": float(loss)}
         text = "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
-        elapsed = time.monotonic() - self.clock.epoch_start
         max_epochs = _max_epochs(trainer)
         epoch = int(trainer.current_epoch) + 1
         line = f"epoch {epoch}/{max_epochs or '?'}  {elapsed:.1f}s  {text}"
         if max_epochs and epoch < max_epochs:
-            done = len(self.clock.epoch_times) + 1  # this epoch is not in epoch_times until its train-epoch end
-            mean = (sum(self.clock.epoch_times) + elapsed) / done
+            mean = (sum(self.clock.epoch_times[:done_before]) + elapsed) / (done_before + 1)
             line += f"  ETA {format_duration((max_epochs - epoch) * mean)}"
         print(line, flush=True)
 

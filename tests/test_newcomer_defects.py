@@ -157,3 +157,19 @@ def test_an_explicit_root_is_where_a_download_goes_and_must_succeed(tmp_path, mo
     with pytest.raises(DataError, match="download to .*nowhere failed"):
         locate_fashion_mnist(str(tmp_path / "nowhere"), download=True)
     assert seen == [str(tmp_path / "nowhere")]  # never the system copy, never another folder
+
+
+# ---------------------------------------------------------------- the per-epoch console line
+
+def test_the_epoch_line_shows_this_epochs_training_loss(tmp_path):
+    import csv
+
+    out = run_cli("kdx-train", "experiment=synthetic/teacher", "trainer.max_epochs=2", "data.train_size=128",
+                  "trainer.progress_bar=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown = {int(e): float(v) for e, v in
+             re.findall(r"^epoch (\d)/2 .*train/loss_epoch (\d+\.\d{4})", out.stdout, flags=re.M)}
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        logged = {int(r["epoch"]) + 1: float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")}
+    assert set(shown) == {1, 2}, out.stdout[-2000:]  # the first epoch's line has a loss too
+    assert all(shown[e] == pytest.approx(logged[e], abs=1e-4) for e in shown), (shown, logged)
