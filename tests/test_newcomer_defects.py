@@ -173,3 +173,24 @@ def test_the_epoch_line_shows_this_epochs_training_loss(tmp_path):
         logged = {int(r["epoch"]) + 1: float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")}
     assert set(shown) == {1, 2}, out.stdout[-2000:]  # the first epoch's line has a loss too
     assert all(shown[e] == pytest.approx(logged[e], abs=1e-4) for e in shown), (shown, logged)
+
+
+# ---------------------------------------------------------------- what the help and the docs point at
+
+def test_kdx_train_help_lists_every_console_script(tmp_path):
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    out = run_cli("kdx-train", "--help", cwd=tmp_path, timeout=60)
+    assert out.returncode == 0
+    other = out.stdout.split("Other commands", 1)[1].split("==", 1)[0]
+    assert [s for s in scripts if s != "kdx-train" and s not in other] == []
+
+
+def test_architecture_points_only_at_files_in_the_repository_or_says_otherwise():
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    for path in set(re.findall(r"`(?:python )?((?:\.\./)?[\w./-]+\.(?:py|toml|yaml))(?:[ `])", text)):
+        if path.startswith("../"):
+            assert "outside this repository" in text.split(path, 1)[1][:120], path
+        elif "/" in path and "<" not in path and "*" not in path:
+            assert (REPO / path).exists(), path
