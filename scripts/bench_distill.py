@@ -77,11 +77,15 @@ def _num_classes(model) -> int:
     return get_classifier(model).out_features
 
 
-def run_kdx(teacher, student, batches, device, warmup, amp):
+def run_kdx(teacher, student, batches, device, warmup, amp, channels_last=None, compile=False):
+    """kdx's step: `amp` bf16 autocast, `channels_last` NHWC (default: with amp), `compile` torch.compile of the
+    networks (kdx's trainer.compile)."""
+    channels_last = amp if channels_last is None else channels_last
     module = DistillationModule(student, teacher, num_classes=_num_classes(teacher),
                                 distill={"method": "kd", "temperature": TEMPERATURE}, alpha=ALPHA, optim=OPTIM,
                                 example_input=batches[0][0][:2].cpu())
-    module.channels_last = amp
+    module.channels_last = channels_last
+    module.compile_networks = compile
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     timer = StepTimer(warmup, sync)
     trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1,
@@ -93,9 +97,14 @@ def run_kdx(teacher, student, batches, device, warmup, amp):
     return (len(batches) - warmup) * batches[0][0].shape[0] / (timer.t1 - timer.t0)
 
 
-def run_loop(teacher, student, batches, device, warmup, amp):
-    memory_format = torch.channels_last if amp else torch.contiguous_format
+def run_loop(teacher, student, batches, device, warmup, amp, channels_last=None, compile=False):
+    """The same step written by hand, with the same `amp`, `channels_last` and `compile` settings."""
+    channels_last = amp if channels_last is None else channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher, student = teacher.to(device, memory_format=memory_format).eval(), student.to(device, memory_format=memory_format).train()
+    if compile:
+        teacher.compile()
+        student.compile()
     opt = torch.optim.SGD(student.parameters(), lr=OPTIM["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, len(batches)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -194,3 +194,16 @@ def test_architecture_points_only_at_files_in_the_repository_or_says_otherwise()
             assert "outside this repository" in text.split(path, 1)[1][:120], path
         elif "/" in path and "<" not in path and "*" not in path:
             assert (REPO / path).exists(), path
+
+
+# ---------------------------------------------------------------- the GPU check on a machine without one
+
+def test_gpu_check_on_a_cpu_machine_says_so_in_one_line_and_exits_0(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": str(Path(__import__("sys").executable))}
+    done = subprocess.run([str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().count("\n") == 0 and "no CUDA GPU on this machine" in done.stdout
