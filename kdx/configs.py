@@ -17,6 +17,12 @@ def to_dict(node: Any) -> Any:
 
 def build_datamodule(data_cfg: DictConfig):
     """Instantiate the datamodule of `data._target_`; unknown keys are reported by name."""
+    missing = [k for k in data_cfg if OmegaConf.is_missing(data_cfg, k)] if OmegaConf.is_config(data_cfg) else []
+    if missing:  # `root: ???` in the YAML: a value only the user can give
+        what = {"root": "the folder that holds the data"}
+        shown = ", ".join(f"data.{k}=..." + (f" ({what[k]})" if k in what else "") for k in missing)
+        raise ConfigError(f"{', '.join('data.' + k for k in missing)} must be set for this data config "
+                          f"({data_cfg.get('_target_')}): add {shown} to the command line")
     kwargs = {k: v for k, v in to_dict(data_cfg).items() if k not in ("name",)}
     try:
         return instantiate(kwargs, _convert_="all")

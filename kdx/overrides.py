@@ -238,6 +238,11 @@ def explain_composition_error(error: BaseException, argv: Sequence[str], config_
                 return ConfigError(f"{given or path}: {sub}{option} is not an option of the {group} group"
                                    f"{_hint(close)} (available in {folder}: {shown})")
             return ConfigError(f"config {path!r} does not exist; {first}")
+        m = re.search(r"Ambiguous value for argument '([^']+)'", message)
+        if m:  # key=a,b is a sweep, which a single run cannot do
+            given = m.group(1)
+            return ConfigError(f"{given} lists several values, which only a sweep runs: add -m (kdx-train -m ... "
+                               f"{given}) for one job per value, or give one value")
         m = re.search(r"An item is already at '([^']+)'", message)
         if m:
             key = m.group(1)

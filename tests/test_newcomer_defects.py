@@ -207,3 +207,34 @@ def test_gpu_check_on_a_cpu_machine_says_so_in_one_line_and_exits_0(tmp_path):
                           timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().count("\n") == 0 and "no CUDA GPU on this machine" in done.stdout
+
+
+# ---------------------------------------------------------------- one sentence with the fix, not a traceback
+
+@pytest.mark.parametrize("args, sentence", [
+    (["experiment=synthetic/teacher", "trainer=gpu"], "needs a CUDA GPU and torch sees none on this machine; use trainer=cpu"),
+    (["experiment=folder/transfer"], "data.root must be set for this data config"),
+    (["experiment=synthetic/kd", "teacher.ckpt=x.ckpt", "distill.temperature=1,4"],
+     "distill.temperature=1,4 lists several values, which only a sweep runs: add -m"),
+    (["experiment=synthetic/teacher", "task.network=student", "student.name=my_nets:Tiny"],
+     "add its folder to PYTHONPATH"),
+])
+def test_common_mistakes_are_one_sentence_with_the_fix(tmp_path, args, sentence):
+    import torch as _torch
+
+    if "trainer=gpu" in args and _torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = run_cli("kdx-train", *args, *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert sentence in out.stderr and "Traceback" not in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.strip()]) == 1, out.stderr
+
+
+def test_an_onnx_teachers_size_error_names_the_preprocess_key(tmp_path):
+    from kdx.errors import ConfigError
+    from kdx.models.onnx_teacher import OnnxEmbeddingModel
+
+    torch.onnx.export(TanhColour(), torch.zeros(1, 3, 8, 8), str(tmp_path / "t.onnx"), dynamo=False,
+                      input_names=["images"], output_names=["embedding"])
+    with pytest.raises(ConfigError, match=r"^teacher\.preprocess\.input_size \(16, 16\) differs"):
+        OnnxEmbeddingModel(tmp_path / "t.onnx", input_size=16)

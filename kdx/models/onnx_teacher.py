@@ -101,7 +101,7 @@ class OnnxEmbeddingModel(nn.Module):
         if input_size is not None:
             input_size = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(map(int, input_size))
             if all(fixed_hw) and tuple(fixed_hw) != input_size:
-                raise ConfigError(f"teacher.input_size {input_size} differs from the fixed input {tuple(fixed_hw)} "
+                raise ConfigError(f"teacher.preprocess.input_size {input_size} differs from the fixed input {tuple(fixed_hw)} "
                                   f"of {self.path}; leave it unset")
         self.input_size = tuple(fixed_hw) if all(fixed_hw) else input_size  # None: keep the data's size
         self.input_dtype = _ONNX_FLOAT.get(inputs[0].type.tensor_type.elem_type, np.float32)

@@ -298,6 +298,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, ModelChec
         if bool(ck.get("save_last", True)):
             callbacks.append(LastCheckpoint(run_dir / "checkpoints"))
     trainer_cfg["enable_progress_bar"] = shows_bar
+    if str(trainer_cfg.get("accelerator", "auto")).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator=gpu (trainer=gpu) needs a CUDA GPU and torch sees none on this machine; "
+                          "use trainer=cpu, or trainer.accelerator=auto to take a GPU only where there is one")
     if trainer_cfg.get("sync_batchnorm") and not _uses_gpu(trainer_cfg.get("accelerator", "auto")):
         raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU version); "
                           "drop it for CPU runs")
