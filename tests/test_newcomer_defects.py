@@ -238,3 +238,17 @@ def test_an_onnx_teachers_size_error_names_the_preprocess_key(tmp_path):
                       input_names=["images"], output_names=["embedding"])
     with pytest.raises(ConfigError, match=r"^teacher\.preprocess\.input_size \(16, 16\) differs"):
         OnnxEmbeddingModel(tmp_path / "t.onnx", input_size=16)
+
+
+# ---------------------------------------------------------------- W&B alone: metrics.csv, the lr, the sync hint
+
+@pytest.mark.slow
+def test_wandb_alone_keeps_metrics_csv_logs_the_lr_and_says_how_to_sync(tmp_path):
+    run = tmp_path / "run"
+    out = run_cli("kdx-train", "experiment=synthetic/teacher", "logger=wandb", "data.train_size=128", *FAST, "trainer.log_every_n_steps=1",
+                  f"hydra.run.dir={run}", cwd=tmp_path, env={"WANDB_MODE": "offline"}, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert any(h.startswith("lr-") for h in header) and "val/acc1" in header, header
+    results = json.loads((run / "results.json").read_text())
+    assert f"upload this run with: {results['wandb']['sync']}" in out.stdout

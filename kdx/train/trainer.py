@@ -14,7 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -271,6 +271,8 @@ def build_loggers(logger_cfg: dict[str, Any] | None, run_dir: Path, cfg: DictCon
         except TypeError as e:  # an option the logger does not take, e.g. +logger.csv.flush_every=10
             raise ConfigError(f"logger.{name} has an option the {name} logger does not take ({e}); see the "
                               f"logger's arguments or drop it") from None
+    if "csv" not in (logger_cfg or {}):  # metrics.csv is what results.json, kdx-report and the pipeline read
+        loggers.append(LOGGERS["csv"]({}, run_dir, cfg))
     return loggers
 
 
@@ -288,7 +290,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, ModelChec
     for key in KDX_TRAINER_KEYS:
         trainer_cfg.pop(key, None)
     ck = cfg.get("checkpoint") or {}
-    callbacks: list[Callback] = [*progress, FiniteGuard(ck.get("monitor")), RandomState(), InterruptCheck()]
+    callbacks: list[Callback] = [*progress, FiniteGuard(ck.get("monitor")), RandomState(), InterruptCheck(),
+                                 LearningRateMonitor(logging_interval="step")]  # lr-<optimizer> in every logger
     ckpt_cb = None
     if trainer_cfg.get("enable_checkpointing", True):
         ckpt_cb = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor=ck.get("monitor"),

@@ -150,6 +150,8 @@ def finish_wandb(trainer, results: dict[str, Any], failed: bool = False) -> None
             info["sync"] = f"wandb sync {Path(run.dir).parent}"
     finally:
         wandb.finish(exit_code=1 if failed else 0)
+    if (results.get("wandb") or {}).get("sync"):  # after W&B's own closing lines, so it is the last word
+        print(f"[kdx] W&B ran offline; upload this run with: {results['wandb']['sync']}", flush=True)
 
 
 def _cell(value: Any) -> Any:
