@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdx-installed
 
-.PHONY: install demo demo-face test test-fast data bench faults mutation mutation-quick clean
+.PHONY: install demo demo-face demo-face-labelfree test test-fast data bench faults mutation mutation-quick clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP) data
 
 demo-face: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/kdx-pipeline experiment=orl_faces
+
+# Label-free face distillation: SFace teaches MobileFaceNet without a single identity label (README: Face recognition).
+demo-face-labelfree: $(STAMP)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/kdx-pipeline experiment=orl_faces_labelfree
 
 # Two pytest workers on two cores: one torch thread each, or they fight over the cores.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1

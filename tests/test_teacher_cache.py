@@ -13,7 +13,7 @@ import torch
 from kdx.data import SyntheticDataModule
 from kdx.data.tensor_images import TensorImageDataset
 from kdx.data.views import SeededViewDataset, ViewSampler, view_of
-from kdx.distill.cache import (CLAIMED, TeacherCache, _compress, _expand, cache_key, check_cache_config,
+from kdx.distill.cache import (CLAIMED, CacheUnavailable, TeacherCache, _compress, _expand, cache_key, check_cache_config,
                                teacher_fingerprint)
 from kdx.errors import ConfigError
 from kdx.models import build_model
@@ -72,6 +72,20 @@ def test_disk_store_is_shared_by_a_second_job(tmp_path):
     again = other(x, i, v, teacher)["logits"]
     assert teacher.rows == 8 and other.hits == 8  # the second job computes nothing
     torch.testing.assert_close(again, served, rtol=0, atol=0)
+
+
+def test_a_shorter_schedule_reads_the_store_of_a_longer_one(tmp_path):
+    """View v of an image is the same in a 6-epoch and a 3-epoch run: the shorter run is served the longer one's rows."""
+    teacher = CountingTeacher()
+    x, i, v = _batch(list(range(8)), [2] * 8)
+    long = TeacherCache("k", 8, 6, {"logits": 5}, mode="disk", root=tmp_path)
+    served = long(x, i, v, teacher)["logits"]
+    short = TeacherCache("k", 8, 3, {"logits": 5}, mode="disk", root=tmp_path)
+    again = short(x, i, v, teacher)["logits"]
+    assert short.num_views == 6 and short.hits == 8 and teacher.rows == 8
+    torch.testing.assert_close(again, served, rtol=0, atol=0)
+    with pytest.raises(CacheUnavailable, match="was built for another teacher or data"):
+        TeacherCache("k", 8, 9, {"logits": 5}, mode="disk", root=tmp_path)  # more views than stored: refused
 
 
 def test_a_damaged_entry_is_recomputed_never_served(tmp_path):

@@ -275,6 +275,13 @@ class TeacherCache:
                     warnings.warn(f"teacher cache {meta_path} cannot be read ({damage}); the store is rebuilt")
                     for old in self.dir.glob("*.bin"):
                         old.unlink()
+                if found is not None and found.get("num_views", 0) > self.num_views and all(
+                        found.get(k) == description[k] for k in ("key", "num_samples", "outputs")):
+                    # a longer run of the same key built it: its first views are this run's (a view is a
+                    # function of (seed, view, index)), so a shorter schedule reads the same store
+                    self.num_views = int(found["num_views"])
+                    description["num_views"] = self.num_views
+                    n = self.num_samples * self.num_views
                 if found is not None:
                     if any(found.get(k) != description[k] for k in ("key", "num_samples", "num_views", "outputs")):
                         raise CacheUnavailable(f"teacher cache {self.dir} was built for another teacher or data "
