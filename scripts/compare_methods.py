@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Every classification distillation method on one pair, over several seeds: a table and a bar chart.
 
-The pair is resnet20 -> cnn_small on Fashion-MNIST (mdistiller-style evidence, a few epochs each):
+The pair is resnet20 -> cnn_small on Fashion-MNIST:
 
-    python scripts/compare_methods.py                                  # all methods, seeds 0 1 2, 3 epochs
+    python scripts/compare_methods.py                                  # quick: all methods, seeds 0 1 2, 3 epochs
+    python scripts/compare_methods.py --preset converged --publish docs/results     # the converged benchmark
     python scripts/compare_methods.py --methods kd dkd --seeds 0 1 --epochs 5 --train-subset 20000
     python scripts/compare_methods.py --teacher-ckpt runs/fmnist/teacher/checkpoints/best.ckpt
     python scripts/compare_methods.py --methods kd -- trainer.max_steps=5 data.num_workers=0   # Hydra overrides
@@ -11,22 +12,64 @@ The pair is resnet20 -> cnn_small on Fashion-MNIST (mdistiller-style evidence, a
 Stages, each a kdx-train run in its own folder under --out:
   teacher/seed0       the teacher (experiment fmnist/teacher), trained once, unless --teacher-ckpt is given;
   student/seed<k>     the student alone, CE only, same recipe (experiment fmnist/student);
-  <method>/seed<k>    experiment=fmnist/kd distill=<method> teacher.ckpt=<the teacher>.
+  <method>/seed<k>    experiment=fmnist/kd distill=<method> teacher.ckpt=<the teacher>; two rows are not
+                      registry methods: `lskd` (distill=lskd, KD on standardised logits) and `consistent`
+                      (experiment=fmnist/consistent: function matching on mixed images, the teacher seeing the
+                      student's very image).
 A folder that already holds the finished run of the same config is reused, never retrained or overwritten
-(an interrupted one resumes from its last checkpoint); a finished run made with another config is left as it
-is and its method is reported as failed (choose another --out). A method that fails is recorded with its
-error and the script goes on.
+(an interrupted one resumes from its last checkpoint), so an interrupted benchmark continues where it stopped;
+a finished run made with another config is left as it is and its method is reported as failed (choose another
+--out). A method that fails is recorded with its error and the script goes on.
 
-Writes OUT/methods.md (table: test top-1 mean +- std over seeds, the per-seed difference to the student
-alone, seconds per epoch), OUT/methods.csv (one row per run), OUT/methods.json and OUT/methods.png.
+--preset converged (the benchmark whose results go to docs/results/):
+  * teacher: resnet20 on all 55,000 non-validation training images (the other 5,000 are the validation split
+    every run selects its checkpoint on), 18 epochs; target >= 92.5% test top-1;
+  * students: cnn_small on the first 10,000 images of the same fixed split (data.seed=0 for every run: the
+    student's labelled images are a subset of the teacher's, the realistic case of a teacher that knows more),
+    16 epochs, seeds 0 1 2, every method plus lskd and consistent;
+  * every run: seeded views (data.seeded_views=true: each method of a seed trains on exactly the same augmented
+    images in the same order), trainer.deterministic=true, data.num_workers=0; the checkpoint with the best
+    val/acc1 is the one tested, once (kdx-train's rule); test images are never used for a choice;
+  * the papers' recipes (--recipes, on with this preset): DKD's and ReviewKD's linear warm-up scaled from 20 of
+    240 epochs to warmup_epochs = epochs / 12; presets whose papers add the method's loss to an unweighted CE
+    (kdx: (1 - alpha) CE + alpha w L with alpha = 0.5, half the paper's objective) are trained with
+    optim.lr / (1 - alpha) and optim.weight_decay * (1 - alpha), which makes every SGD step exactly the paper's
+    (CE + w' L at the base learning rate and decay); KD and lskd already are the papers' 0.1 CE + 0.9 KD;
+  * the teacher cache (distill.teacher_cache.mode=disk under OUT/teacher_cache) for every row whose teacher
+    outputs are all it reads (logits or the embedding): the first such run of a seed stores them, the others of
+    that seed read them; the metrics are the same with or without it (tested in tests/test_teacher_cache.py);
+  * --jobs 2: two runs at a time, one torch thread each (the teacher alone first, with every thread).
+  Estimated wall time on 2 CPU cores with nothing else running, from measured rates (student alone cnn_small
+  ~2,700 img/s, resnet20 teacher training ~550 img/s and forward ~1,800 img/s, both at 2 threads; a warm-cache
+  KD epoch costs what the student alone does, README "Teacher cache"): teacher 18 x 55,000 / 550 = 30 min;
+  per seed at 2 threads (16 x 10,000 = 160,000 images a run): student alone 1 min, 8 cache-reading rows
+  (kd, dkd, dist, mse, bce, lskd, rkd, pkt; 2 of them cold) 11 min, crd (cold embedding store, its 9,999-negative
+  gather) 5 min, consistent (its own store of mixed views) 3 min, 6 layer-reading rows (fitnet, at, nst, vid,
+  reviewkd, sp: the teacher runs every step) 17 min = 37 min; 3 seeds = 111 min at 2 threads, ~78 min as two
+  1-thread jobs (a 1-thread run assumed 1.4x slower than a 2-thread one) -> ~1 h 50 min in all. The first run
+  records the real figures (OUT/<name>.md: s / epoch per row, wall time); if it runs over, --epochs 12 keeps the
+  shape of the comparison.
+
+Writes OUT/<name>.md (table: test top-1 mean +- std over seeds, the per-seed difference to the student alone,
+seconds per epoch, the rows' recipe overrides), OUT/<name>.csv (one row per run: method, seed, test_acc1 as a
+fraction, config_hash, and `command`, the kdx-train command that reproduces that one cell into a fresh folder),
+OUT/<name>.json, OUT/<name>.png and OUT/<name>_versions.json (torch, Lightning, kdx, Python, threads); <name> is
+`methods` (quick) or `methods_converged`. --publish DIR copies those files (not the json) into DIR.
+Reproducing one cell: run its `command` from the repository root (the teacher's row first if its checkpoint is
+not there); on the same versions and thread count the metrics are the same to the last digit
+(tests/test_compare_methods.py checks it on a small version).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import os
+import shlex
+import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +84,32 @@ DATASETS: dict[str, dict[str, Any]] = {
     "synthetic": {"experiment": "synthetic", "pair": "synthetic_tiny", "subset_key": "data.train_size",
                   "default_subset": None},
 }
-TEACHER, STUDENT = "teacher", "student"
+TEACHER, STUDENT = "teacher", "student alone"   # the baselines' method names (rows, CSV)
+FOLDERS = {TEACHER: "teacher", STUDENT: "student"}
 _DEFAULT = object()  # an option left at its default (argparse would pass a string default through `type`)
 BASELINE_LABELS = {TEACHER: "teacher", STUDENT: "student alone, CE"}
+
+# rows that are not registry methods: the experiment (conf/experiment/<data>/<name>) and preset they run
+ROWS: dict[str, dict[str, Any]] = {
+    "lskd": {"experiment": "kd", "distill": "lskd", "method": "kd",
+             "paper": "Sun et al. 2024, CVPR, arXiv:2403.01427"},
+    "consistent": {"experiment": "consistent", "distill": None, "method": "kd",
+                   "paper": "Beyer et al. 2022, CVPR, arXiv:2106.05237"},
+}
+# the papers add these methods' losses to an unweighted CE (CE + w L); their presets use alpha 0.5
+PAPER_CE_PLUS_LOSS = frozenset({"dkd", "dist", "fitnet", "at", "nst", "vid", "reviewkd", "sp", "rkd", "pkt", "crd"})
+WARMUP_SHARE = {"dkd": 20 / 240, "reviewkd": 20 / 240}  # linear warm-up: 20 of the papers' 240 epochs
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"name": "methods", "seeds": [0, 1, 2], "epochs": 3, "teacher_epochs": 10, "jobs": 1,
+              "recipes": False, "cache": False, "extra_rows": [], "out": Path("outputs/compare_methods"),
+              "overrides": []},
+    "converged": {"name": "methods_converged", "seeds": [0, 1, 2], "epochs": 16, "teacher_epochs": 18,
+                  "train_subset": 10000, "teacher_train_subset": None, "jobs": 2, "recipes": True, "cache": True,
+                  "extra_rows": ["lskd", "consistent"], "out": Path("outputs/compare_methods_converged"),
+                  "overrides": ["data.seed=0", "+data.seeded_views=true", "trainer.deterministic=true",
+                                "data.num_workers=0"]},
+}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -67,33 +133,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         argv, extra = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="quick (default: 3 epochs) | converged (the docs/results benchmark); options given win")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="distillation methods (default: every registered classification method)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the student runs (default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of every student run (default 3)")
+                   help="distillation methods (default: every registered classification method; converged adds "
+                        "lskd and consistent)")
+    p.add_argument("--seeds", nargs="+", type=int, default=_DEFAULT, help="seeds of the student runs (default 0 1 2)")
+    p.add_argument("--epochs", type=int, default=_DEFAULT, help="epochs of every student run (quick 3, converged 16)")
     p.add_argument("--train-subset", type=subset_value, default=_DEFAULT,
                    help="training images used (default 10000 on fmnist, the config's size on synthetic; 'all')")
     p.add_argument("--teacher-ckpt", type=Path, default=None, help="a trained teacher checkpoint (else one is trained)")
-    p.add_argument("--teacher-epochs", type=int, default=10, help="epochs of the teacher run (default 10)")
+    p.add_argument("--teacher-epochs", type=int, default=_DEFAULT,
+                   help="epochs of the teacher run (quick 10, converged 18)")
     p.add_argument("--teacher-train-subset", type=subset_value, default=_DEFAULT,
                    help="training images of the teacher run (default: as --train-subset)")
     p.add_argument("--data", choices=sorted(DATASETS), default="fmnist", help="fmnist (default) | synthetic (tests)")
-    p.add_argument("--out", type=Path, default=Path("outputs/compare_methods"), help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (quick: outputs/compare_methods, converged: outputs/compare_methods_converged)")
+    p.add_argument("--jobs", type=int, default=_DEFAULT,
+                   help="runs at a time after the teacher, each with cores / jobs torch threads (quick 1, converged 2)")
+    p.add_argument("--recipes", action=argparse.BooleanOptionalAction, default=None,
+                   help="the papers' recipes scaled to the schedule (warm-ups, CE + w L); on with --preset converged")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="teacher cache on disk for rows that read teacher outputs only; on with --preset converged")
+    p.add_argument("--publish", type=Path, default=None,
+                   help="copy the table, CSV, chart and versions into this folder (e.g. docs/results)")
     args = p.parse_args(argv)
-    args.overrides = extra
+    preset = PRESETS[args.preset]
     spec = DATASETS[args.data]
+    args.name = preset["name"]
+    args.overrides = [*preset["overrides"], *extra]
+    for key in ("seeds", "epochs", "teacher_epochs", "jobs"):
+        if getattr(args, key) is _DEFAULT:
+            setattr(args, key, preset[key])
+    for key in ("recipes", "cache"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    if args.out is None:
+        args.out = preset["out"] if args.data == "fmnist" else preset["out"].with_name(preset["out"].name + "_" + args.data)
     if args.train_subset is _DEFAULT:
-        args.train_subset = spec["default_subset"]
+        args.train_subset = preset.get("train_subset", spec["default_subset"]) if args.data == "fmnist" \
+            else spec["default_subset"]
     if args.teacher_train_subset is _DEFAULT:
-        args.teacher_train_subset = args.train_subset
+        args.teacher_train_subset = preset.get("teacher_train_subset", args.train_subset) \
+            if args.data == "fmnist" and "teacher_train_subset" in preset else args.train_subset
     if args.epochs < 1 or args.teacher_epochs < 1:
         p.error("--epochs and --teacher-epochs must be at least 1")
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     if args.teacher_ckpt is not None and not args.teacher_ckpt.is_file():
         p.error(f"--teacher-ckpt {args.teacher_ckpt} does not exist")
     if args.methods is None:
         from kdx.distill import available_distillers
 
-        args.methods = available_distillers("classification")
+        args.methods = [*available_distillers("classification"), *preset["extra_rows"]]
     args.methods = list(dict.fromkeys(args.methods))
     args.seeds = list(dict.fromkeys(args.seeds))
     return args
@@ -119,7 +212,7 @@ def first_line(error: BaseException) -> str:
 
 
 def record_of(method: str, kind: str, seed: int, run_dir: Path, results: dict | None, reused: bool = False,
-              error: str | None = None) -> dict[str, Any]:
+              error: str | None = None, command: str | None = None) -> dict[str, Any]:
     """One run's row: its accuracy, time and status (failed with `error` when it did not finish)."""
     results = results or {}
     ok = results.get("status") == "completed" and error is None
@@ -129,17 +222,44 @@ def record_of(method: str, kind: str, seed: int, run_dir: Path, results: dict | 
     return {"method": method, "kind": kind, "seed": seed, "status": "completed" if ok else "failed",
             "reused": bool(reused and ok), "test_acc1": metrics.get(METRIC) if ok else None,
             "val_acc1": metrics.get("val/acc1") if ok else None, "fit_s": fit_s if ok else None,
-            "epochs": epochs if ok else None, "s_per_epoch": per_epoch, "run_dir": str(run_dir),
-            "checkpoint": (results.get("checkpoints") or {}).get("best") if ok else None,
+            "epochs": epochs if ok else None, "s_per_epoch": per_epoch, "run_dir": shown_path(run_dir),
+            "checkpoint": shown_path(results["checkpoints"]["best"])
+            if ok and (results.get("checkpoints") or {}).get("best") else None,
             "network": (results.get("hparams") or {}).get("student" if kind != "teacher" else "teacher"),
+            "config_hash": results.get("config_hash"), "command": command,
             "error": None if ok else (error or results.get("error") or f"status {results.get('status')}")}
 
 
-def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    """Compose and train one run in `run_dir`, reusing it when it already holds this finished run."""
+def shown_path(path: Path | str) -> str:
+    """`path` relative to the working directory when it lies under it (commands that work from the repository
+    root on any machine), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def cell_command(overrides: list[str], rerun_dir: Path, threads: int | None) -> str:
+    """The shell command that trains this one cell again, into a fresh folder."""
+    words = ["kdx-train", *overrides, f"hydra.run.dir={shown_path(rerun_dir)}"]
+    prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    return prefix + " ".join(shlex.quote(w) for w in words)
+
+
+def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Path,
+            rerun_dir: Path | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Compose and train one run in `run_dir`, reusing it when it already holds this finished run. With
+    `threads`, torch uses that many threads (the number the recorded command pins)."""
     from kdx.io import RESULTS_FILE, read_results, write_json
     from kdx.train import run_config_hash, run_training
 
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    command = cell_command(overrides, rerun_dir or run_dir.parent / "rerun" / run_dir.name,
+                           threads or torch.get_num_threads())
     label = f"{method} seed {seed}"
     try:
         cfg = compose(overrides)
@@ -150,14 +270,14 @@ def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Pa
         # multirun=True: a finished run of the same config is skipped, an interrupted one resumed, a finished one
         # of another config raises RunExistsError (never overwritten), anything else starts fresh
         results = run_training(cfg, run_dir, overrides, multirun=True)
-        return record_of(method, kind, seed, run_dir, results, reused=reused)
+        return record_of(method, kind, seed, run_dir, results, reused=reused, command=command)
     except Exception as e:  # noqa: BLE001 - a failed method is reported in the table, the others go on
         error = first_line(e)
         print(f"[compare] {label} failed: {error}", file=sys.stderr, flush=True)
         if read_results(run_dir) is None:  # a failure before training started: say so in the folder too
             write_json(run_dir / RESULTS_FILE, {"status": "failed", "error": error, "run_dir": str(run_dir.resolve()),
                                                 "overrides": overrides})
-        return record_of(method, kind, seed, run_dir, read_results(run_dir), error=error)
+        return record_of(method, kind, seed, run_dir, read_results(run_dir), error=error, command=command)
 
 
 def given_teacher(ckpt: Path) -> dict[str, Any]:
@@ -207,7 +327,9 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
                      if r["test_acc1"] is not None and r["seed"] in student_acc]
         d_mean, d_std = mean_std(diffs)
         paper = ""
-        if name not in (TEACHER, STUDENT):
+        if name in ROWS:
+            paper = ROWS[name]["paper"]
+        elif name not in (TEACHER, STUDENT):
             try:
                 paper = distiller_class(name).paper
             except Exception:  # noqa: BLE001 - not registered (yet): its runs say why
@@ -223,7 +345,8 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
                      "failed": len(group) - len(done), "mean": mean, "std": std,
                      "diff_mean": d_mean, "diff_std": d_std,
                      "s_per_epoch": statistics.fmean(per_epoch) if per_epoch else None,
-                     "seeds": [r["seed"] for r in done], "errors": errors})
+                     "seeds": [r["seed"] for r in done], "errors": errors,
+                     "recipe": next((r.get("recipe") for r in group if r.get("recipe")), "")})
     base = [r for r in rows if r["kind"] in ("teacher", "student")]
     methods_rows = [r for r in rows if r["kind"] == "distill"]
     methods_rows.sort(key=lambda r: (r["mean"] is None, -(r["mean"] or 0.0), r["method"]))
@@ -238,7 +361,7 @@ def pct(value: float | None, std: float | None = None, signed: bool = False) -> 
 
 
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    headers = ["method", "paper", "test top-1 (%)", "Δ vs student (%)", "s / epoch", "n seeds", "note"]
+    headers = ["method", "paper", "test top-1 (%)", "Δ vs student (%)", "s / epoch", "n seeds", "recipe", "note"]
     out = []
     for r in rows:
         note = ""
@@ -249,7 +372,8 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
         diff = "-" if r["kind"] == "student" or r["diff_mean"] is None else pct(
             r["diff_mean"], None if r["kind"] == "teacher" else r["diff_std"], signed=True)
         out.append([r["label"], r["paper"] or "-", pct(r["mean"], r["std"]), diff,
-                    "-" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.1f}", r["n"], note])
+                    "-" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.1f}", r["n"],
+                    r.get("recipe") or "-", note])
     return headers, out
 
 
@@ -258,17 +382,23 @@ def render_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str
 
     s = settings
     subset = "all" if s["train_subset"] is None else s["train_subset"]
-    lines = [f"# Distillation methods: {s['pair']} on {s['data']}", "",
+    v = s.get("versions") or {}
+    lines = [f"# Distillation methods: {s['pair']} on {s['data']} ({s['preset']})", "",
              f"{s['epochs']} epoch(s) per student run on {subset} training images, seeds {s['seeds']}; "
-             f"teacher: {s['teacher_ckpt']}. Top-1 on the test set, mean ± sample std over seeds (0 for one seed). "
-             "Δ: the per-seed difference to the student alone trained with the same seed (mean ± std; the "
-             "teacher's is to the student's mean). s / epoch: mean fit time / epochs.", "",
-             markdown_table(*table_rows(rows)), "", "![methods](methods.png)", ""]
+             f"teacher: {s['teacher_ckpt']}. Top-1 on the test set, once, with the checkpoint of the best val/acc1; "
+             "mean ± sample std over seeds (0 for one seed). Δ: the per-seed difference to the student alone "
+             "trained with the same seed (mean ± std; the teacher's is to the student's mean). s / epoch: mean "
+             "fit time / epochs (validation included). recipe: the row's settings beyond its preset "
+             "(scripts/compare_methods.py --recipes).", "",
+             markdown_table(*table_rows(rows)), "", f"![methods]({s['name']}.png)", "",
+             f"Made by `{s['command']}`" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else "")
+             + f"; torch {v.get('torch')}, Lightning {v.get('lightning')}, kdx {v.get('kdx')}, "
+               f"Python {v.get('python')}. Each run's command: {s['name']}.csv, column `command`.", ""]
     return "\n".join(lines)
 
 
-CSV_COLUMNS = ["method", "kind", "seed", "status", "reused", "test_acc1", "val_acc1", "fit_s", "epochs",
-               "s_per_epoch", "network", "run_dir", "checkpoint", "error"]
+CSV_COLUMNS = ["method", "seed", "test_acc1", "val_acc1", "kind", "status", "reused", "fit_s", "epochs",
+               "s_per_epoch", "network", "config_hash", "command", "run_dir", "checkpoint", "error"]
 
 
 def write_csv(path: Path, runs: list[dict[str, Any]]) -> None:
@@ -315,24 +445,100 @@ def write_png(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) 
     return path
 
 
+def versions() -> dict[str, Any]:
+    """The versions the numbers were made with (a cell reproduces to the digit on the same ones)."""
+    import platform
+
+    import pytorch_lightning as lightning
+    import torch
+
+    import kdx
+
+    return {"torch": torch.__version__, "lightning": lightning.__version__, "kdx": kdx.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def write_outputs(out: Path, runs: list[dict[str, Any]], methods: list[str], settings: dict[str, Any],
                   png: bool = True) -> tuple[list[dict[str, Any]], str]:
     from kdx.io import atomic_write_text, write_json
 
+    name = settings["name"]
     rows = summarize(runs, methods)
     for r in rows:
         if r["kind"] == "teacher":
             r["given"] = settings["teacher_given"]
     text = render_markdown(rows, settings)
-    atomic_write_text(out / "methods.md", text)
-    write_csv(out / "methods.csv", runs)
-    write_json(out / "methods.json", {"settings": settings, "metric": METRIC, "table": rows, "runs": runs})
+    ordered = sorted(runs, key=lambda r: (r["kind"] != "teacher", r["seed"], r.get("order", 0)))
+    atomic_write_text(out / f"{name}.md", text)
+    write_csv(out / f"{name}.csv", ordered)
+    write_json(out / f"{name}.json", {"settings": settings, "metric": METRIC, "table": rows, "runs": ordered})
+    write_json(out / f"{name}_versions.json", settings["versions"])
     if png:
-        write_png(out / "methods.png", rows, settings)
+        write_png(out / f"{name}.png", rows, settings)
     return rows, text
 
 
+def publish(out: Path, name: str, dest: Path) -> list[Path]:
+    """Copy the table, the per-run CSV, the chart and the versions into `dest` (docs/results/)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for suffix in (".md", ".csv", ".png", "_versions.json"):
+        src = out / f"{name}{suffix}"
+        if src.is_file():
+            copied.append(Path(shutil.copy2(src, dest / src.name)))
+    return copied
+
+
 # ----------------------------------------------------------------------------- main
+
+
+def reads_teacher_outputs_only(method: str) -> bool:
+    """True when a row's method reads no teacher layers (logits or the embedding), so the teacher cache serves it."""
+    from kdx.distill import Distiller, distiller_class
+
+    name = ROWS.get(method, {}).get("method", method)
+    try:
+        cls = distiller_class(name)
+    except Exception:  # noqa: BLE001 - an unknown method fails in its own run, with its error
+        return False
+    return cls.teacher_layers is Distiller.teacher_layers
+
+
+def number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def recipe_overrides(method: str, base: list[str], epochs: int) -> tuple[list[str], str]:
+    """The papers' recipe of a row on top of its preset, scaled to `epochs`: (overrides, a short description).
+
+    DKD/ReviewKD: the linear warm-up of 20 of 240 epochs becomes epochs / 12. Methods whose papers train
+    CE + w L: kdx's total (1 - alpha) CE + alpha w L is (1 - alpha) times that objective, so the learning rate is
+    divided and the weight decay multiplied by (1 - alpha): every SGD (momentum, Nesterov) step is then the paper's.
+    """
+    overrides: list[str] = []
+    notes: list[str] = []
+    if method in WARMUP_SHARE:
+        warmup = number(epochs * WARMUP_SHARE[method])
+        overrides.append(f"distill.warmup_epochs={warmup}")
+        notes.append(f"warm-up {warmup} ep")
+    if method in PAPER_CE_PLUS_LOSS:
+        cfg = compose(base)
+        alpha = float(cfg.distill.alpha)
+        if 0.0 < alpha < 1.0:
+            keep = 1.0 - alpha
+            lr, wd = float(cfg.optim.lr) / keep, float(cfg.optim.get("weight_decay", 0.0)) * keep
+            overrides += [f"optim.lr={number(lr)}", f"optim.weight_decay={number(wd)}"]
+            notes.append(f"CE + w·L: lr {number(lr)}, wd {number(wd)}")
+    return overrides, "; ".join(notes)
+
+
+def cell_worker(method: str, kind: str, seed: int, overrides: list[str], run_dir: str, rerun_dir: str,
+                threads: int, recipe: str, order: int) -> dict[str, Any]:
+    """One cell in a worker process (--jobs > 1)."""
+    rec = run_one(method, kind, seed, overrides, Path(run_dir), Path(rerun_dir), threads)
+    rec.update(recipe=recipe, order=order)
+    return rec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     exp, pair = spec["experiment"], spec["pair"]
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // args.jobs) if args.jobs > 1 else None
 
     def common(subset: int | None, epochs: int, seed: int) -> list[str]:
         base = [f"pair={pair}", f"seed={seed}", f"trainer.max_epochs={epochs}"]
@@ -350,10 +558,14 @@ def main(argv: list[str] | None = None) -> int:
         return base
 
     settings: dict[str, Any] = {
-        "data": args.data, "pair": pair, "methods": args.methods, "seeds": args.seeds, "epochs": args.epochs,
-        "train_subset": args.train_subset, "teacher_epochs": args.teacher_epochs,
-        "teacher_train_subset": args.teacher_train_subset, "overrides": args.overrides,
-        "teacher_given": args.teacher_ckpt is not None, "out": str(out),
+        "name": args.name, "preset": args.preset, "data": args.data, "pair": pair, "methods": args.methods,
+        "seeds": args.seeds, "epochs": args.epochs, "train_subset": args.train_subset,
+        "teacher_epochs": args.teacher_epochs, "teacher_train_subset": args.teacher_train_subset,
+        "overrides": args.overrides, "recipes": args.recipes, "cache": args.cache, "jobs": args.jobs,
+        "teacher_given": args.teacher_ckpt is not None, "out": shown_path(out),
+        "command": " ".join(shlex.quote(w) for w in ["python", "scripts/compare_methods.py",
+                                                      *(sys.argv[1:] if argv is None else argv)]),
+        "versions": versions(),
     }
     runs: list[dict[str, Any]] = []
     if args.teacher_ckpt is not None:
@@ -361,39 +573,74 @@ def main(argv: list[str] | None = None) -> int:
     else:
         teacher = run_one(TEACHER, "teacher", 0,
                           [f"experiment={exp}/teacher", *common(args.teacher_train_subset, args.teacher_epochs, 0),
-                           *args.overrides], out / TEACHER / "seed0")
+                           *args.overrides], out / FOLDERS[TEACHER] / "seed0", out / "rerun" / "teacher" / "seed0")
     runs.append(teacher)
-    settings["teacher_ckpt"] = teacher["checkpoint"]
+    settings["teacher_ckpt"] = shown_path(teacher["checkpoint"]) if teacher["checkpoint"] else None
     if teacher["status"] != "completed" or not teacher["checkpoint"]:
         write_outputs(out, runs, args.methods, settings)
         print(f"[compare] the teacher failed ({teacher['error']}); nothing to distill. See {teacher['run_dir']}",
               file=sys.stderr, flush=True)
         return 1
 
-    total = len(args.seeds) * (1 + len(args.methods))
-    done = 0
-    for seed in args.seeds:  # seed-major: an interrupted comparison still has whole seeds
-        done += 1
-        print(f"[compare] run {done}/{total}", flush=True)
-        runs.append(run_one(STUDENT, "student", seed,
-                            [f"experiment={exp}/student", *common(args.train_subset, args.epochs, seed),
-                             *args.overrides], out / STUDENT / f"seed{seed}"))
-        write_outputs(out, runs, args.methods, settings, png=False)
+    cells = []  # seed-major: an interrupted comparison still has whole seeds
+    for seed in args.seeds:
+        student = [f"experiment={exp}/student", *common(args.train_subset, args.epochs, seed), *args.overrides]
+        cells.append((STUDENT, "student", seed, student, ""))
         for method in args.methods:
-            done += 1
-            print(f"[compare] run {done}/{total}", flush=True)
-            runs.append(run_one(method, "distill", seed,
-                                [f"experiment={exp}/kd", f"distill={method}", f"teacher.ckpt={teacher['checkpoint']}",
-                                 *common(args.train_subset, args.epochs, seed), *args.overrides],
-                                out / method / f"seed{seed}"))
-            write_outputs(out, runs, args.methods, settings, png=False)
+            row = ROWS.get(method, {"experiment": "kd", "distill": method})
+            base = [f"experiment={exp}/{row['experiment']}"]
+            if row["distill"]:
+                base.append(f"distill={row['distill']}")
+            base += [f"teacher.ckpt={settings['teacher_ckpt']}", *common(args.train_subset, args.epochs, seed)]
+            if args.cache and reads_teacher_outputs_only(method):
+                base += ["distill.teacher_cache.mode=disk", f"distill.teacher_cache.dir={shown_path(out / 'teacher_cache')}"]
+            base += args.overrides
+            recipe = ""
+            if args.recipes:
+                try:
+                    extra, recipe = recipe_overrides(method, base, args.epochs)
+                    base += extra
+                except Exception as e:  # noqa: BLE001 - the run itself reports a config that does not compose
+                    print(f"[compare] {method}: no recipe ({first_line(e)})", file=sys.stderr, flush=True)
+            cells.append((method, "distill", seed, base, recipe))
+
+    def folder(method: str, seed: int, root: Path = out) -> Path:
+        return root / FOLDERS.get(method, method) / f"seed{seed}"
+
+    total = len(cells)
+    finished = 0
+
+    def collect(rec: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
+        runs.append(rec)
+        print(f"[compare] {finished}/{total} run(s) done", flush=True)
+        write_outputs(out, runs, args.methods, settings, png=False)
+
+    jobs = [(m, k, s, o, str(folder(m, s)), str(folder(m, s, out / "rerun")), threads, recipe, i)
+            for i, (m, k, s, o, recipe) in enumerate(cells)]
+    if args.jobs == 1:
+        for job in jobs:
+            collect(cell_worker(*job))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = {pool.submit(cell_worker, *job) for job in jobs}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    collect(future.result())
 
     settings["wall_s"] = round(time.time() - started, 1)
     rows, text = write_outputs(out, runs, args.methods, settings)
     failed = [r for r in runs if r["status"] != "completed"]
     print("\n" + text)
     print(f"[compare] {len(runs) - len(failed)} run(s) finished, {len(failed)} failed, in {settings['wall_s']:.0f} s; "
-          f"wrote {out / 'methods.md'}, methods.csv, methods.json and methods.png", flush=True)
+          f"wrote {out / (args.name + '.md')}, .csv, .json, .png and _versions.json", flush=True)
+    if args.publish is not None:
+        copied = publish(out, args.name, args.publish)
+        print(f"[compare] published {', '.join(shown_path(c) for c in copied)}", flush=True)
     return 0
 
 

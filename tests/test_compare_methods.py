@@ -2,6 +2,11 @@
 import csv
 import importlib.util
 import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -23,7 +28,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 
 def results_mtimes(out):
-    return {p: p.stat().st_mtime_ns for p in sorted(out.glob("*/seed*/results.json"))}
+    return {p: p.stat().st_mtime_ns for p in sorted(out.glob("*/seed*/results.json")) if p.parent.parent.name != "rerun"}
 
 
 def test_method_table_on_synthetic_data_and_rerun_reuses_finished_runs(tmp_path, capsys):
@@ -50,6 +55,8 @@ def test_method_table_on_synthetic_data_and_rerun_reuses_finished_runs(tmp_path,
 
     with open(out / "methods.csv", newline="") as fh:
         runs = list(csv.DictReader(fh))
+    assert {r["method"] for r in runs} == {"teacher", "student alone", "kd", "dkd"}
+    assert all(r["config_hash"] and r["command"].startswith("OMP_NUM_THREADS=") for r in runs)
     distilled = [r for r in runs if r["kind"] == "distill"]
     assert len(distilled) == 4 and all(r["status"] == "completed" for r in distilled)
     assert {(r["method"], r["seed"]) for r in distilled} == {(m, s) for m in ("kd", "dkd") for s in ("0", "1")}
@@ -69,3 +76,47 @@ def test_method_table_on_synthetic_data_and_rerun_reuses_finished_runs(tmp_path,
     assert len(failed) == 2 and all(r["status"] == "failed" and "nosuch" in r["error"] for r in failed)
     rows = table_rows((out / "methods.md").read_text())
     assert rows[-1][0] == "nosuch" and "FAILED 2/2" in rows[-1][-1]
+
+
+def test_converged_preset_small_version_reproduces_a_cell_from_its_printed_command(tmp_path, monkeypatch):
+    """The converged benchmark's shape (recipes, cache, fixed split, seeded views) on two methods, one seed and a
+    few steps; one cell re-run with the command from the CSV gives the same metrics to the last digit."""
+    script = load_script()
+    monkeypatch.chdir(tmp_path)  # commands name paths relative to where the benchmark ran
+    out, docs = Path("cmp"), Path("docs_results")
+    args = ["--preset", "converged", "--data", "synthetic", "--methods", "dkd", "lskd", "--seeds", "0",
+            "--epochs", "2", "--teacher-epochs", "1", "--jobs", "1", "--out", str(out), "--publish", str(docs),
+            "--", *TINY, "data.num_workers=0"]
+    assert script.main(args) == 0
+    name = "methods_converged"
+    for suffix in (".md", ".csv", ".png", "_versions.json"):
+        assert (docs / f"{name}{suffix}").is_file(), suffix
+    versions = json.loads((docs / f"{name}_versions.json").read_text())
+    assert {"torch", "lightning", "kdx"} <= set(versions)
+    markdown = (docs / f"{name}.md").read_text()
+    assert f"torch {versions['torch']}" in markdown and "s / epoch" in markdown and "Δ vs student" in markdown
+    with open(docs / f"{name}.csv", newline="") as fh:
+        runs = {r["method"]: r for r in csv.DictReader(fh)}
+    assert set(runs) == {"teacher", "student alone", "dkd", "lskd"}
+    assert all(r["status"] == "completed" and 0.0 <= float(r["test_acc1"]) <= 1.0 for r in runs.values())
+    assert all(len(r["config_hash"]) >= 8 for r in runs.values())
+
+    dkd = shlex.split(runs["dkd"]["command"])
+    assert dkd[0] == "OMP_NUM_THREADS=1" or dkd[0].startswith("OMP_NUM_THREADS=")
+    # the recipe: DKD's warm-up scaled to 2 epochs (20/240 * 2), CE + w L through lr / (1 - alpha), the cache on
+    assert "distill.warmup_epochs=0.166667" in dkd and "optim.lr=0.1" in dkd and "optim.weight_decay=0.00025" in dkd
+    assert "distill.teacher_cache.mode=disk" in dkd and "data.seed=0" in dkd and "+data.seeded_views=true" in dkd
+    lskd = shlex.split(runs["lskd"]["command"])
+    assert "distill=lskd" in lskd and not any(w.startswith("optim.lr=") for w in lskd)
+
+    # re-run the dkd cell exactly as printed (a fresh process, from the same folder)
+    env = {**os.environ, dkd[0].split("=")[0]: dkd[0].split("=")[1]}
+    kdx_train = str(Path(sys.executable).with_name("kdx-train"))
+    done = subprocess.run([kdx_train, *dkd[2:]], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rerun_dir = next(w.split("=", 1)[1] for w in dkd if w.startswith("hydra.run.dir="))
+    again = json.loads((Path(rerun_dir) / "results.json").read_text())
+    first = json.loads((Path(runs["dkd"]["run_dir"]) / "results.json").read_text())
+    assert again["config_hash"] == first["config_hash"] == runs["dkd"]["config_hash"]
+    assert again["metrics"] == first["metrics"]  # every metric, to the last digit
+    assert repr(again["metrics"]["test/acc1"]) == runs["dkd"]["test_acc1"]
