@@ -25,7 +25,7 @@ from torch import nn
 
 from kdx.checkpoints import load_embedding_model, load_network, read_checkpoint
 from kdx.errors import CheckpointError, KdxError
-from kdx.io import atomic_path, write_json
+from kdx.io import atomic_path, sidecar_path, write_json
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript",
@@ -56,12 +56,6 @@ def _opset_range() -> tuple[int, int]:
         return int(getattr(c, "ONNX_MIN_OPSET", 7)), int(getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
     except Exception:  # pragma: no cover - private module moved
         return 7, 20
-
-
-def sidecar_path(out_path: str | Path) -> Path:
-    """`<out>.json`: the description written next to an exported file."""
-    out_path = Path(out_path)
-    return out_path.with_name(out_path.name + ".json")
 
 
 def format_for(out_path: str | Path) -> str:

@@ -293,3 +293,9 @@ def read_results(run_dir: str | Path) -> dict[str, Any] | None:
 def config_hash(config: dict[str, Any]) -> str:
     """A short stable hash of a (resolved) config, to tell whether two runs were asked the same thing."""
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def sidecar_path(out_path: str | Path) -> Path:
+    """`<out>.json`: the description kdx-export writes next to an exported file (read by kdx-eval)."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".json")

@@ -68,7 +68,7 @@ def onnx_input_scaling(args) -> tuple[dict, str | None]:
     the `normalization` its kdx-export description `<model>.json` records, or raw values in --value-range
     (default 0..255, as external models such as SFace take them).
     """
-    from kdx.export import sidecar_path
+    from kdx.io import sidecar_path
 
     model = Path(args.model).expanduser()
     if model.suffix.lower() != ".onnx":
