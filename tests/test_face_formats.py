@@ -40,7 +40,7 @@ def test_bin_accepts_python2_style_bytes_pickle(tmp_path):
     Image.new("RGB", (8, 8), "green").save(buf, format="PNG")
     path = tmp_path / "py2.bin"
     with open(path, "wb") as f:
-        pickle.dump(([bytearray(buf.getvalue())] * 2, np.array([1])), f, protocol=2)
+        pickle.dump(([bytearray(buf.getvalue()), bytearray(buf.getvalue())], np.array([1])), f, protocol=2)
     got, issame = read_verification_bin(path, image_size=(8, 8))
     assert got.shape == (2, 3, 8, 8) and issame.tolist() == [True]
 

@@ -348,7 +348,7 @@ def test_progress_bars_count_epochs_from_one():
 def test_kdx_train_and_pipeline_help_speak_of_kdx(tmp_path):
     out = run_cli("kdx-train", "--help", cwd=tmp_path, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("kdx-train: train one network")
-    for text in ("kdx-train experiment=fmnist/teacher", "== Config groups", "experiment/fmnist: kd, probe, student",
+    for text in ("kdx-train experiment=fmnist/teacher", "== Config groups", "experiment/fmnist: consistent, kd, probe, student",
                  "student.name=my_pkg.nets:TinyNet", "--config-dir"):
         assert text in out.stdout, text
     assert "powered by Hydra" not in out.stdout

@@ -73,7 +73,7 @@ def test_finished_run_is_skipped_reported_or_set_aside(tmp_path: Path) -> None:
         run_training(teacher_cfg(), run_dir)
     assert run_training(teacher_cfg("resume=true"), run_dir) == done  # reported, not retrained
     assert check_run_dir(run_dir, teacher_cfg(), run_identity, multirun=True)[0] == "skip"
-    with pytest.raises(RunExistsError, match="different config; pass force=true"):
+    with pytest.raises(RunExistsError, match=r"different config \(it differs in .*seed.*pass force=true"):
         check_run_dir(run_dir, teacher_cfg("seed=5"), run_identity, multirun=True)
     again = run_training(teacher_cfg("force=true"), run_dir)
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
