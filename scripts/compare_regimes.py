@@ -128,6 +128,7 @@ def write_png(path: Path, rows: list[dict[str, Any]], teacher: dict[str, Any], s
     ax.set_xscale("log")
     epochs = sorted({r["epochs"] for r in rows})
     ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.minorticks_off()  # the log axis's own minor labels would overprint the schedule lengths
     ax.set_xlabel("epochs (log scale)")
     ax.set_ylabel("test top-1 (%), mean ± std over seeds")
     ax.set_title(f"teacher views on {settings['data']}: {settings['pair']}", fontsize=10)
