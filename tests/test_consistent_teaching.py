@@ -248,3 +248,27 @@ def test_regimes_a_task_cannot_use_are_refused_by_name(overrides, message):
     cfg = compose_train(overrides)
     with pytest.raises(ConfigError, match=message):
         task_for(cfg).check()
+
+
+@pytest.mark.slow
+def test_compare_regimes_script_writes_its_table_and_reuses_finished_runs(tmp_path):
+    """scripts/compare_regimes.py on the synthetic data: two regimes, one seed, one schedule; a rerun trains nothing."""
+    import csv
+    import importlib.util
+    import json
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("compare_regimes", REPO / "scripts" / "compare_regimes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--data", "synthetic", "--epochs", "1", "--seeds", "0", "--regimes", "fixed", "consistent",
+            "--no-student", "--out", str(tmp_path), "--", "trainer.progress_bar=none", "data.num_workers=0"]
+    assert script.main(argv) == 0
+    rows = list(csv.DictReader(open(tmp_path / "regimes.csv")))
+    assert [r["method"] for r in rows] == ["fixed", "consistent"] and all(r["status"] == "completed" for r in rows)
+    assert all(r["command"].startswith("kdx-train experiment=synthetic/consistent") for r in rows)
+    assert (tmp_path / "regimes.png").is_file() and "| consistent |" in (tmp_path / "regimes.md").read_text()
+    assert script.main(argv) == 0
+    again = json.loads((tmp_path / "regimes.json").read_text())["runs"]
+    assert all(r["reused"] for r in again)

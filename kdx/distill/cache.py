@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from kdx.errors import ConfigError, KdxError
+from kdx.io import fsync_dir
 
 MODES = ("off", "memory", "disk")
 EMPTY, VALID, CLAIMED = 0, 1, 2
@@ -199,19 +200,6 @@ class _Column:
             self.fd = None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_meta(meta_path: Path, description: Mapping[str, Any]) -> None:
     """meta.json written to a temporary name, fsynced, then renamed into place (and the folder fsynced)."""
     tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
@@ -220,7 +208,7 @@ def _write_meta(meta_path: Path, description: Mapping[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(meta_path)
-    _fsync_dir(meta_path.parent)
+    fsync_dir(meta_path.parent)
 
 
 def _read_meta(meta_path: Path) -> tuple[dict[str, Any] | None, str | None]:
