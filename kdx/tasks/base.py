@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from kdx.configs import to_dict
+from kdx.data.mixing import check_mix
 from kdx.errors import ConfigError
 from kdx.schemas import check_section
 
@@ -52,9 +53,9 @@ class Task:
         if not self.learns_from_unlabeled and (data.get("use_unlabeled") or data.get("unlabeled")):
             raise ConfigError(f"data.use_unlabeled / data.unlabeled add images without labels, which only distillation "
                               f"can learn from; drop them for task={self.name}, or use task=distill")
-        mix = dict(data.get("mix") or {})
-        if mix.get("mode") not in (None, "off", False) and not self.learns_from_mixed:
-            raise ConfigError(f"data.mix.mode={mix.get('mode')} mixes images, which task={self.name} cannot learn from; "
+        mix = check_mix(data.get("mix"))
+        if mix.active and not self.learns_from_mixed:
+            raise ConfigError(f"data.mix.mode={mix.mode} mixes images, which task={self.name} cannot learn from; "
                               "set data.mix.mode=off (mixing is for task=supervised, distill, and face_distill with "
                               "distill.alpha=1)")
         if data.get("teacher_view", "consistent") != "consistent" and not self.distills:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kdx.configs import to_dict
+from kdx.data.mixing import check_mix
 from kdx.distill import build_distiller_set, require_sample_indices
 from kdx.distill.teachers import FaceTeacher, build_face_teacher
 from kdx.errors import ConfigError, KdxError
@@ -60,9 +61,9 @@ class FaceDistillTask(FaceTask):
     def check(self) -> None:
         super().check()
         alpha = self.cfg.distill.get("alpha", 0.5)
-        mix = dict(self.cfg.data.get("mix") or {})
-        if mix.get("mode") not in (None, "off", False) and alpha != 1:
-            raise ConfigError(f"data.mix.mode={mix.get('mode')} mixes faces, but the margin loss (distill.alpha={alpha} "
+        mix = check_mix(self.cfg.data.get("mix"))
+        if mix.active and alpha != 1:
+            raise ConfigError(f"data.mix.mode={mix.mode} mixes faces, but the margin loss (distill.alpha={alpha} "
                               "< 1) needs one identity per image; set distill.alpha=1 (label-free distillation) or "
                               "data.mix.mode=off")
         if self.cfg.data.get("labels", True) is False and alpha != 1:
