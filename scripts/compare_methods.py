@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Every classification distillation method on one pair, over several seeds: a table and a bar chart.
+"""Every distillation method on one pair, over several seeds: a table and a bar chart.
 
-The pair is resnet20 -> cnn_small on Fashion-MNIST:
+The pair is resnet20 -> cnn_small on Fashion-MNIST (classification), or SFace -> MobileFaceNet-56 on ORL (faces):
 
     python scripts/compare_methods.py                                  # quick: all methods, seeds 0 1 2, 3 epochs
     python scripts/compare_methods.py --preset converged --publish docs/results     # the converged benchmark
+    python scripts/compare_methods.py --preset faces --publish docs/results         # the face methods on ORL
     python scripts/compare_methods.py --methods kd dkd --seeds 0 1 --epochs 5 --train-subset 20000
     python scripts/compare_methods.py --teacher-ckpt runs/fmnist/teacher/checkpoints/best.ckpt
     python scripts/compare_methods.py --methods kd -- trainer.max_steps=5 data.num_workers=0   # Hydra overrides
@@ -50,11 +51,23 @@ a finished run made with another config is left as it is and its method is repor
   records the real figures (OUT/<name>.md: s / epoch per row, wall time); if it runs over, --epochs 12 keeps the
   shape of the comparison.
 
+--preset faces (--data orl; the face table in docs/results/):
+  * the pair sface_mobilefacenet56: the SFace ONNX model (given, never trained) teaches MobileFaceNet-56 on ORL's
+    training identities; data.seed = seed, so each seed has its own split into training, validation and test
+    identities, and the teacher is scored on each seed's test pairs (OUT/teacher/seed<k>/results.json);
+  * per seed: the student alone (its margin loss) and each face row (--methods: emb_mse, emb_cos,
+    emb_cos+relational (the shipped face_emb), relational, rkd, pkt, adadistill) from its preset with the other
+    methods of the preset removed, 20 epochs, the checkpoint of the best val/verif_acc tested once;
+    logit_kd is no row: it reads a margin head trained on the same identities, which an ONNX teacher has not;
+  * the table ranks by test verification accuracy and adds AUC and TAR@FAR (1e-1, 1e-2); the CSV has one row
+    per run with test_verif_acc, test_auc, test_tar@far=1e-1, test_tar@far=1e-2, val_verif_acc;
+  * every row reads the teacher's embedding only, so the teacher cache (disk) serves all of them.
+
 Writes OUT/<name>.md (table: test top-1 mean +- std over seeds, the per-seed difference to the student alone,
 seconds per epoch, the rows' recipe overrides), OUT/<name>.csv (one row per run: method, seed, test_acc1 as a
 fraction, config_hash, and `command`, the kdx-train command that reproduces that one cell into a fresh folder),
 OUT/<name>.json, OUT/<name>.png and OUT/<name>_versions.json (torch, Lightning, kdx, Python, threads); <name> is
-`methods` (quick) or `methods_converged`. --publish DIR copies those files (not the json) into DIR.
+`methods` (quick), `methods_converged` or `methods_faces`. --publish DIR copies those files (not the json) into DIR.
 Reproducing one cell: run its `command` from the repository root (the teacher's row first if its checkpoint is
 not there); on the same versions and thread count the metrics are the same to the last digit
 (tests/test_compare_methods.py checks it on a small version).
@@ -75,19 +88,30 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
-METRIC = "test/acc1"
 
-# data name -> experiment folder (conf/experiment/<name>/), pair, key that caps the training images, default cap
+# the metrics of a kind of data: CSV column -> results.json key; the first is the one the table ranks by
+CLASSIFICATION_METRICS = {"test_acc1": "test/acc1", "val_acc1": "val/acc1"}
+FACE_METRICS = {"test_verif_acc": "test/verif_acc", "test_auc": "test/auc", "test_tar@far=1e-1": "test/tar@far=1e-1",
+                "test_tar@far=1e-2": "test/tar@far=1e-2", "val_verif_acc": "val/verif_acc"}
+FACE_FARS = (1e-1, 1e-2, 1e-3)  # the TAR@FAR targets every face run logs (kdx.lit.face.DEFAULT_FARS)
+
+# data name -> experiment folder (conf/experiment/<name>/), pair, key that caps the training images, default cap,
+# kind (classification: a teacher is trained; face: the pair's ONNX teacher is given and scored per seed)
 DATASETS: dict[str, dict[str, Any]] = {
     "fmnist": {"experiment": "fmnist", "pair": "resnet20_cnn_small", "subset_key": "data.train_subset",
-               "default_subset": 10000},
+               "default_subset": 10000, "kind": "classification", "metrics": CLASSIFICATION_METRICS,
+               "metric_label": "test top-1 (%)"},
     "synthetic": {"experiment": "synthetic", "pair": "synthetic_tiny", "subset_key": "data.train_size",
-                  "default_subset": None},
+                  "default_subset": None, "kind": "classification", "metrics": CLASSIFICATION_METRICS,
+                  "metric_label": "test top-1 (%)"},
+    "orl": {"experiment": "orl", "pair": "sface_mobilefacenet56", "subset_key": None, "default_subset": None,
+            "kind": "face", "metrics": FACE_METRICS, "metric_label": "test verification accuracy (%)"},
 }
 TEACHER, STUDENT = "teacher", "student alone"   # the baselines' method names (rows, CSV)
 FOLDERS = {TEACHER: "teacher", STUDENT: "student"}
 _DEFAULT = object()  # an option left at its default (argparse would pass a string default through `type`)
 BASELINE_LABELS = {TEACHER: "teacher", STUDENT: "student alone, CE"}
+FACE_BASELINE_LABELS = {TEACHER: "teacher", STUDENT: "student alone, margin loss"}
 
 # rows that are not registry methods: the experiment (conf/experiment/<data>/<name>) and preset they run
 ROWS: dict[str, dict[str, Any]] = {
@@ -95,6 +119,25 @@ ROWS: dict[str, dict[str, Any]] = {
              "paper": "Sun et al. 2024, CVPR, arXiv:2403.01427"},
     "consistent": {"experiment": "consistent", "distill": None, "method": "kd",
                    "paper": "Beyer et al. 2022, CVPR, arXiv:2106.05237"},
+}
+# the face rows (--data orl): each method alone on the face student's margin loss, from its shipped preset
+# (alpha as the preset says), and the shipped default face_emb (emb_cos + relational). A preset's keys that the
+# row's method does not take are removed (`~distill.projection`). logit_kd is not a row: it reads a margin head
+# trained on the same identities, which an ONNX teacher such as SFace does not have (kdx refuses it by name).
+_ALONE = ["distill.mix={}"]
+_ON_EMB_COS = ["~distill.projection", *_ALONE]
+FACE_ROWS: dict[str, dict[str, Any]] = {
+    "emb_mse": {"experiment": "face_kd", "distill": "face_mse", "method": "emb_mse", "overrides": _ALONE},
+    "emb_cos": {"experiment": "face_kd", "distill": "face_emb", "method": "emb_cos", "overrides": _ALONE},
+    "emb_cos+relational": {"experiment": "face_kd", "distill": "face_emb", "method": "emb_cos", "overrides": [],
+                           "paper": "kdx's default face preset (distill=face_emb)"},
+    "relational": {"experiment": "face_kd", "distill": "face_emb", "method": "relational",
+                   "overrides": ["distill.method=relational", *_ON_EMB_COS]},
+    "rkd": {"experiment": "face_kd", "distill": "face_emb", "method": "rkd",
+            "overrides": ["distill.method=rkd", *_ON_EMB_COS]},
+    "pkt": {"experiment": "face_kd", "distill": "face_emb", "method": "pkt",
+            "overrides": ["distill.method=pkt", *_ON_EMB_COS]},
+    "adadistill": {"experiment": "face_kd", "distill": "face_adadistill", "method": "adadistill", "overrides": _ALONE},
 }
 # the papers add these methods' losses to an unweighted CE (CE + w L); their presets use alpha 0.5
 PAPER_CE_PLUS_LOSS = frozenset({"dkd", "dist", "fitnet", "at", "nst", "vid", "reviewkd", "sp", "rkd", "pkt", "crd"})
@@ -109,6 +152,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "extra_rows": ["lskd", "consistent"], "out": Path("outputs/compare_methods_converged"),
                   "overrides": ["data.seed=0", "+data.seeded_views=true", "trainer.deterministic=true",
                                 "data.num_workers=0"]},
+    "faces": {"name": "methods_faces", "seeds": [0, 1, 2], "epochs": 20, "teacher_epochs": 1, "jobs": 2,
+              "recipes": False, "cache": True, "extra_rows": [], "out": Path("outputs/compare_methods_faces"),
+              "data": "orl", "overrides": ["trainer.deterministic=true", "data.num_workers=0"]},
 }
 
 
@@ -135,9 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick (default: 3 epochs) | converged (the docs/results benchmark); options given win")
-    p.add_argument("--methods", nargs="+", default=None,
+    p.add_argument("--methods", nargs="*", default=None,
                    help="distillation methods (default: every registered classification method; converged adds "
-                        "lskd and consistent)")
+                        "lskd and consistent; --data orl: the face rows); none: the teacher and the student alone")
     p.add_argument("--seeds", nargs="+", type=int, default=_DEFAULT, help="seeds of the student runs (default 0 1 2)")
     p.add_argument("--epochs", type=int, default=_DEFAULT, help="epochs of every student run (quick 3, converged 16)")
     p.add_argument("--train-subset", type=subset_value, default=_DEFAULT,
@@ -147,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="epochs of the teacher run (quick 10, converged 18)")
     p.add_argument("--teacher-train-subset", type=subset_value, default=_DEFAULT,
                    help="training images of the teacher run (default: as --train-subset)")
-    p.add_argument("--data", choices=sorted(DATASETS), default="fmnist", help="fmnist (default) | synthetic (tests)")
+    p.add_argument("--data", choices=sorted(DATASETS), default=None,
+                   help="fmnist (default) | orl (face methods, SFace teacher; --preset faces) | synthetic (tests)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (quick: outputs/compare_methods, converged: outputs/compare_methods_converged)")
     p.add_argument("--jobs", type=int, default=_DEFAULT,
@@ -160,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="copy the table, CSV, chart and versions into this folder (e.g. docs/results)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.data is None:
+        args.data = preset.get("data", "fmnist")
     spec = DATASETS[args.data]
     args.name = preset["name"]
     args.overrides = [*preset["overrides"], *extra]
@@ -183,7 +232,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--jobs must be at least 1")
     if args.teacher_ckpt is not None and not args.teacher_ckpt.is_file():
         p.error(f"--teacher-ckpt {args.teacher_ckpt} does not exist")
-    if args.methods is None:
+    if spec["kind"] == "face":
+        if args.teacher_ckpt is not None:
+            p.error(f"--teacher-ckpt is for classification; --data {args.data} distils from its pair's given "
+                    "teacher (set it with -- teacher.onnx=PATH)")
+        unknown = [m for m in args.methods or [] if m not in FACE_ROWS]
+        if unknown:
+            p.error(f"--data {args.data} has the face rows {', '.join(FACE_ROWS)}; unknown: {', '.join(unknown)}")
+    if args.methods is None and spec["kind"] == "face":
+        args.methods = list(FACE_ROWS)
+    elif args.methods is None:
         from kdx.distill import available_distillers
 
         args.methods = [*available_distillers("classification"), *preset["extra_rows"]]
@@ -212,16 +270,18 @@ def first_line(error: BaseException) -> str:
 
 
 def record_of(method: str, kind: str, seed: int, run_dir: Path, results: dict | None, reused: bool = False,
-              error: str | None = None, command: str | None = None) -> dict[str, Any]:
-    """One run's row: its accuracy, time and status (failed with `error` when it did not finish)."""
+              error: str | None = None, command: str | None = None,
+              metrics: dict[str, str] = CLASSIFICATION_METRICS) -> dict[str, Any]:
+    """One run's row: its metrics (CSV column -> results.json key), time and status (failed with `error` when it
+    did not finish)."""
     results = results or {}
     ok = results.get("status") == "completed" and error is None
-    metrics, times = results.get("metrics") or {}, results.get("time") or {}
+    values, times = results.get("metrics") or {}, results.get("time") or {}
     fit_s, epochs = times.get("fit_s"), results.get("epochs")
     per_epoch = fit_s / max(int(epochs), 1) if ok and fit_s is not None and epochs is not None else None
     return {"method": method, "kind": kind, "seed": seed, "status": "completed" if ok else "failed",
-            "reused": bool(reused and ok), "test_acc1": metrics.get(METRIC) if ok else None,
-            "val_acc1": metrics.get("val/acc1") if ok else None, "fit_s": fit_s if ok else None,
+            "reused": bool(reused and ok), **{col: values.get(key) if ok else None for col, key in metrics.items()},
+            "fit_s": fit_s if ok else None,
             "epochs": epochs if ok else None, "s_per_epoch": per_epoch, "run_dir": shown_path(run_dir),
             "checkpoint": shown_path(results["checkpoints"]["best"])
             if ok and (results.get("checkpoints") or {}).get("best") else None,
@@ -248,7 +308,8 @@ def cell_command(overrides: list[str], rerun_dir: Path, threads: int | None) -> 
 
 
 def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Path,
-            rerun_dir: Path | None = None, threads: int | None = None) -> dict[str, Any]:
+            rerun_dir: Path | None = None, threads: int | None = None,
+            metrics: dict[str, str] = CLASSIFICATION_METRICS) -> dict[str, Any]:
     """Compose and train one run in `run_dir`, reusing it when it already holds this finished run. With
     `threads`, torch uses that many threads (the number the recorded command pins)."""
     from kdx.io import RESULTS_FILE, read_results, write_json
@@ -270,14 +331,54 @@ def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Pa
         # multirun=True: a finished run of the same config is skipped, an interrupted one resumed, a finished one
         # of another config raises RunExistsError (never overwritten), anything else starts fresh
         results = run_training(cfg, run_dir, overrides, multirun=True)
-        return record_of(method, kind, seed, run_dir, results, reused=reused, command=command)
+        return record_of(method, kind, seed, run_dir, results, reused=reused, command=command, metrics=metrics)
     except Exception as e:  # noqa: BLE001 - a failed method is reported in the table, the others go on
         error = first_line(e)
         print(f"[compare] {label} failed: {error}", file=sys.stderr, flush=True)
         if read_results(run_dir) is None:  # a failure before training started: say so in the folder too
             write_json(run_dir / RESULTS_FILE, {"status": "failed", "error": error, "run_dir": str(run_dir.resolve()),
                                                 "overrides": overrides})
-        return record_of(method, kind, seed, run_dir, read_results(run_dir), error=error, command=command)
+        return record_of(method, kind, seed, run_dir, read_results(run_dir), error=error, command=command,
+                         metrics=metrics)
+
+
+def score_face_teacher(seed: int, overrides: list[str], run_dir: Path, command: str,
+                       metrics: dict[str, str] = FACE_METRICS) -> dict[str, Any]:
+    """The given face teacher (teacher.onnx of the face rows' config) scored on the test pairs of seed `seed`'s
+    identity split, by the protocol the face runs log (flip, 10 folds, the same FAR targets); the scores go to
+    `run_dir`/results.json and are reused while the data and teacher settings are the same."""
+    from kdx.configs import build_datamodule, to_dict
+    from kdx.distill.teachers import build_face_teacher
+    from kdx.eval.compare_face import score_model
+    from kdx.io import config_hash, read_results, write_json
+
+    label = f"{TEACHER} seed {seed}"
+    try:
+        cfg = compose(overrides)
+        identity = config_hash({"data": to_dict(cfg.data), "teacher": to_dict(cfg.teacher), "fars": list(FACE_FARS)})
+        previous = read_results(run_dir)
+        if previous and previous.get("status") == "completed" and previous.get("config_hash") == identity:
+            print(f"[compare] {label}: reusing the scores in {run_dir}", flush=True)
+            return record_of(TEACHER, "teacher", seed, run_dir, previous, reused=True, command=command, metrics=metrics)
+        print(f"[compare] {label}: scoring the given teacher on the test pairs", flush=True)
+        dm = build_datamodule(cfg.data)
+        dm.setup("test")
+        teacher = build_face_teacher(to_dict(cfg.teacher), data_mean=cfg.data.get("mean", 0.5),
+                                     data_std=cfg.data.get("std", 0.5))
+        started = time.time()
+        row = score_model(TEACHER, Path(teacher.source).stem, teacher.net, dm.test_set, {"flip": True}, FACE_FARS)
+        values = {f"test/{k}": float(v) for k, v in row.items()
+                  if k in ("verif_acc", "verif_acc_std", "auc", "threshold") or k.startswith("tar@far=")}
+        results = {"status": "completed", "config_hash": identity, "metrics": values, "seed": seed,
+                   "hparams": {"teacher": Path(teacher.source).name}, "time": {"test_s": round(time.time() - started, 2)},
+                   "overrides": overrides}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "results.json", results)
+        return record_of(TEACHER, "teacher", seed, run_dir, results, command=command, metrics=metrics)
+    except Exception as e:  # noqa: BLE001 - reported in the table like any failed run
+        error = first_line(e)
+        print(f"[compare] {label} failed: {error}", file=sys.stderr, flush=True)
+        return record_of(TEACHER, "teacher", seed, run_dir, None, error=error, command=command, metrics=metrics)
 
 
 def given_teacher(ckpt: Path) -> dict[str, Any]:
@@ -303,12 +404,14 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
-    """One row per method (teacher and student alone first), methods sorted by mean test top-1."""
+def summarize(runs: list[dict[str, Any]], methods: list[str],
+              metrics: dict[str, str] = CLASSIFICATION_METRICS) -> list[dict[str, Any]]:
+    """One row per method (teacher and student alone first), methods sorted by the mean of the first metric
+    (test top-1, or test verification accuracy); the other test metrics as `extra` mean ± std."""
     from kdx.distill import distiller_class
 
-    student_acc = {r["seed"]: r["test_acc1"] for r in runs
-                   if r["kind"] == "student" and r["test_acc1"] is not None}
+    key = next(iter(metrics))
+    student_acc = {r["seed"]: r[key] for r in runs if r["kind"] == "student" and r[key] is not None}
     s_mean = mean_std(list(student_acc.values()))[0]
     rows = []
     for name in [TEACHER, STUDENT, *methods]:
@@ -316,19 +419,25 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
         if not group:
             continue
         done = [r for r in group if r["status"] == "completed"]
-        accs = [r["test_acc1"] for r in done if r["test_acc1"] is not None]
+        accs = [r[key] for r in done if r[key] is not None]
         mean, std = mean_std(accs)
+        paired = [r[key] - student_acc[r["seed"]] for r in done if r[key] is not None and r["seed"] in student_acc]
         if name == STUDENT:
             diffs: list[float] = [0.0] * len(accs)
-        elif name == TEACHER:
+        elif name == TEACHER and len(accs) == 1:  # one teacher: to the student's mean
             diffs = [a - s_mean for a in accs] if s_mean is not None else []
         else:  # per-seed paired differences to the student alone of the same seed
-            diffs = [r["test_acc1"] - student_acc[r["seed"]] for r in done
-                     if r["test_acc1"] is not None and r["seed"] in student_acc]
+            diffs = paired
         d_mean, d_std = mean_std(diffs)
+        extra = {col: mean_std([r[col] for r in done if r.get(col) is not None])
+                 for col in list(metrics)[1:] if col.startswith("test_")}
         paper = ""
         if name in ROWS:
             paper = ROWS[name]["paper"]
+        elif name in FACE_ROWS and "paper" in FACE_ROWS[name]:
+            paper = FACE_ROWS[name]["paper"]
+        elif name in FACE_ROWS:
+            paper = distiller_class(FACE_ROWS[name]["method"]).paper
         elif name not in (TEACHER, STUDENT):
             try:
                 paper = distiller_class(name).paper
@@ -336,14 +445,15 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
                 paper = ""
         per_epoch = [r["s_per_epoch"] for r in done if r["s_per_epoch"] is not None]
         errors = list(dict.fromkeys(r["error"] for r in group if r["status"] != "completed"))
-        label = BASELINE_LABELS.get(name, name)
+        labels = FACE_BASELINE_LABELS if metrics is FACE_METRICS else BASELINE_LABELS
+        label = labels.get(name, name)
         network = next((r["network"] for r in group if r.get("network")), None)
-        if name in BASELINE_LABELS and network:
+        if name in labels and network:
             label = f"{label} ({network})"
         rows.append({"method": name, "label": label,
                      "kind": group[0]["kind"], "paper": paper, "n": len(accs), "runs": len(group),
                      "failed": len(group) - len(done), "mean": mean, "std": std,
-                     "diff_mean": d_mean, "diff_std": d_std,
+                     "diff_mean": d_mean, "diff_std": d_std, "extra": extra,
                      "s_per_epoch": statistics.fmean(per_epoch) if per_epoch else None,
                      "seeds": [r["seed"] for r in done], "errors": errors,
                      "recipe": next((r.get("recipe") for r in group if r.get("recipe")), "")})
@@ -360,8 +470,12 @@ def pct(value: float | None, std: float | None = None, signed: bool = False) -> 
     return text if std is None else f"{text} ± {100 * std:.2f}"
 
 
-def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    headers = ["method", "paper", "test top-1 (%)", "Δ vs student (%)", "s / epoch", "n seeds", "recipe", "note"]
+def table_rows(rows: list[dict[str, Any]], spec: dict[str, Any] = DATASETS["fmnist"]) -> tuple[list[str], list[list[Any]]]:
+    """Headers and cells of the method table: the ranking metric, Δ, the other test metrics (faces), time."""
+    extra = [c for c in list(spec["metrics"])[1:] if c.startswith("test_")]
+    shown = [c[len("test_"):].replace("auc", "AUC").replace("tar@far", "TAR@FAR") + " (%)" for c in extra]
+    headers = ["method", "paper", spec["metric_label"], "Δ vs student (%)", *shown, "s / epoch", "n seeds",
+               "recipe", "note"]
     out = []
     for r in rows:
         note = ""
@@ -372,6 +486,7 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
         diff = "-" if r["kind"] == "student" or r["diff_mean"] is None else pct(
             r["diff_mean"], None if r["kind"] == "teacher" else r["diff_std"], signed=True)
         out.append([r["label"], r["paper"] or "-", pct(r["mean"], r["std"]), diff,
+                    *(pct(*r["extra"].get(c, (None, None))) for c in extra),
                     "-" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.1f}", r["n"],
                     r.get("recipe") or "-", note])
     return headers, out
@@ -381,36 +496,48 @@ def render_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str
     from kdx.report.tables import markdown_table
 
     s = settings
+    spec = DATASETS[s["data"]]
     subset = "all" if s["train_subset"] is None else s["train_subset"]
     v = s.get("versions") or {}
-    lines = [f"# Distillation methods: {s['pair']} on {s['data']} ({s['preset']})", "",
-             f"{s['epochs']} epoch(s) per student run on {subset} training images, seeds {s['seeds']}; "
-             f"teacher: {s['teacher_ckpt']}. Top-1 on the test set, once, with the checkpoint of the best val/acc1; "
-             "mean ± sample std over seeds (0 for one seed). Δ: the per-seed difference to the student alone "
-             "trained with the same seed (mean ± std; the teacher's is to the student's mean). s / epoch: mean "
-             "fit time / epochs (validation included). recipe: the row's settings beyond its preset "
-             "(scripts/compare_methods.py --recipes).", "",
-             markdown_table(*table_rows(rows)), "", f"![methods]({s['name']}.png)", "",
+    if spec["kind"] == "face":
+        what = (f"{s['epochs']} epoch(s) per student run on the training identities of each seed's identity split "
+                f"(data.seed = seed: training, validation and test identities differ by seed), seeds {s['seeds']}; "
+                f"teacher: {s['teacher_ckpt']} (given, not trained; scored on each seed's test pairs). Verification "
+                "on the test identities' pairs, once, with the checkpoint of the best val/verif_acc (insightface "
+                "protocol: image + flipped image, 10-fold accuracy; AUC and TAR@FAR over all test pairs); mean ± "
+                "sample std over seeds. Δ: the per-seed difference to the student alone trained with the same seed "
+                "(mean ± std). s / epoch: mean fit time / epochs (validation included).")
+    else:
+        what = (f"{s['epochs']} epoch(s) per student run on {subset} training images, seeds {s['seeds']}; "
+                f"teacher: {s['teacher_ckpt']}. Top-1 on the test set, once, with the checkpoint of the best val/acc1; "
+                "mean ± sample std over seeds (0 for one seed). Δ: the per-seed difference to the student alone "
+                "trained with the same seed (mean ± std; the teacher's is to the student's mean). s / epoch: mean "
+                "fit time / epochs (validation included). recipe: the row's settings beyond its preset "
+                "(scripts/compare_methods.py --recipes).")
+    lines = [f"# Distillation methods: {s['pair']} on {s['data']} ({s['preset']})", "", what, "",
+             markdown_table(*table_rows(rows, spec)), "", f"![methods]({s['name']}.png)", "",
              f"Made by `{s['command']}`" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else "")
              + f"; torch {v.get('torch')}, Lightning {v.get('lightning')}, kdx {v.get('kdx')}, "
                f"Python {v.get('python')}. Each run's command: {s['name']}.csv, column `command`.", ""]
     return "\n".join(lines)
 
 
-CSV_COLUMNS = ["method", "seed", "test_acc1", "val_acc1", "kind", "status", "reused", "fit_s", "epochs",
-               "s_per_epoch", "network", "config_hash", "command", "run_dir", "checkpoint", "error"]
+RUN_COLUMNS = ["kind", "status", "reused", "fit_s", "epochs", "s_per_epoch", "network", "config_hash", "command",
+               "run_dir", "checkpoint", "error"]
 
 
-def write_csv(path: Path, runs: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, runs: list[dict[str, Any]], metrics: dict[str, str] = CLASSIFICATION_METRICS) -> None:
+    """One row per run: method, seed, the metrics (fractions), then how it ran and the command that re-runs it."""
+    columns = ["method", "seed", *metrics, *RUN_COLUMNS]
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for run in runs:
-            writer.writerow({k: "" if run.get(k) is None else run[k] for k in CSV_COLUMNS})
+            writer.writerow({k: "" if run.get(k) is None else run[k] for k in columns})
 
 
 def write_png(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
-    """Horizontal bars of mean test top-1 with std error bars, a dashed line at the student alone."""
+    """Horizontal bars of the mean ranking metric with std error bars, a dashed line at the student alone."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -438,7 +565,7 @@ def write_png(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) 
             ax.text(m + s, yi, f" {m:.2f}", va="center", ha="left", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no run finished", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("test top-1 (%), mean ± std over seeds")
+    ax.set_xlabel(f"{DATASETS[settings['data']]['metric_label']}, mean ± std over seeds")
     ax.set_title(f"{settings['pair']} on {settings['data']}, {settings['epochs']} epoch(s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -464,15 +591,17 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], methods: list[str], set
     from kdx.io import atomic_write_text, write_json
 
     name = settings["name"]
-    rows = summarize(runs, methods)
+    metrics = DATASETS[settings["data"]]["metrics"]
+    rows = summarize(runs, methods, metrics)
     for r in rows:
         if r["kind"] == "teacher":
             r["given"] = settings["teacher_given"]
     text = render_markdown(rows, settings)
     ordered = sorted(runs, key=lambda r: (r["kind"] != "teacher", r["seed"], r.get("order", 0)))
     atomic_write_text(out / f"{name}.md", text)
-    write_csv(out / f"{name}.csv", ordered)
-    write_json(out / f"{name}.json", {"settings": settings, "metric": METRIC, "table": rows, "runs": ordered})
+    write_csv(out / f"{name}.csv", ordered, metrics)
+    write_json(out / f"{name}.json", {"settings": settings, "metric": next(iter(metrics.values())), "table": rows,
+                                      "runs": ordered})
     write_json(out / f"{name}_versions.json", settings["versions"])
     if png:
         write_png(out / f"{name}.png", rows, settings)
@@ -497,7 +626,7 @@ def reads_teacher_outputs_only(method: str) -> bool:
     """True when a row's method reads no teacher layers (logits or the embedding), so the teacher cache serves it."""
     from kdx.distill import Distiller, distiller_class
 
-    name = ROWS.get(method, {}).get("method", method)
+    name = {**ROWS, **FACE_ROWS}.get(method, {}).get("method", method)
     try:
         cls = distiller_class(name)
     except Exception:  # noqa: BLE001 - an unknown method fails in its own run, with its error
@@ -534,11 +663,98 @@ def recipe_overrides(method: str, base: list[str], epochs: int) -> tuple[list[st
 
 
 def cell_worker(method: str, kind: str, seed: int, overrides: list[str], run_dir: str, rerun_dir: str,
-                threads: int, recipe: str, order: int) -> dict[str, Any]:
+                threads: int, recipe: str, order: int, metrics: dict[str, str] = CLASSIFICATION_METRICS
+                ) -> dict[str, Any]:
     """One cell in a worker process (--jobs > 1)."""
-    rec = run_one(method, kind, seed, overrides, Path(run_dir), Path(rerun_dir), threads)
+    rec = run_one(method, kind, seed, overrides, Path(run_dir), Path(rerun_dir), threads, metrics)
     rec.update(recipe=recipe, order=order)
     return rec
+
+
+def run_cells(cells: list[tuple], out: Path, args: argparse.Namespace, settings: dict[str, Any],
+              runs: list[dict[str, Any]], threads: int | None, metrics: dict[str, str]) -> None:
+    """Train every cell (method, kind, seed, overrides, recipe) into OUT/<method>/seed<k>, --jobs at a time,
+    rewriting the table after each one."""
+    def folder(method: str, seed: int, root: Path = out) -> Path:
+        return root / FOLDERS.get(method, method) / f"seed{seed}"
+
+    total = len(cells)
+    finished = 0
+
+    def collect(rec: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
+        runs.append(rec)
+        print(f"[compare] {finished}/{total} run(s) done", flush=True)
+        write_outputs(out, runs, args.methods, settings, png=False)
+
+    jobs = [(m, k, s, o, str(folder(m, s)), str(folder(m, s, out / "rerun")), threads, recipe, i, metrics)
+            for i, (m, k, s, o, recipe) in enumerate(cells)]
+    if args.jobs == 1:
+        for job in jobs:
+            collect(cell_worker(*job))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = {pool.submit(cell_worker, *job) for job in jobs}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    collect(future.result())
+
+
+def finish(out: Path, args: argparse.Namespace, settings: dict[str, Any], runs: list[dict[str, Any]],
+           started: float) -> int:
+    """Write the final table, CSV, chart and versions (and publish them); print the table."""
+    settings["wall_s"] = round(time.time() - started, 1)
+    rows, text = write_outputs(out, runs, args.methods, settings)
+    failed = [r for r in runs if r["status"] != "completed"]
+    print("\n" + text)
+    print(f"[compare] {len(runs) - len(failed)} run(s) finished, {len(failed)} failed, in {settings['wall_s']:.0f} s; "
+          f"wrote {out / (args.name + '.md')}, .csv, .json, .png and _versions.json", flush=True)
+    if args.publish is not None:
+        copied = publish(out, args.name, args.publish)
+        print(f"[compare] published {', '.join(shown_path(c) for c in copied)}", flush=True)
+    return 0
+
+
+def run_face_benchmark(args: argparse.Namespace, spec: dict[str, Any], out: Path, settings: dict[str, Any],
+                       common, threads: int | None) -> int:
+    """--data orl: per seed, the given teacher scored, the student alone and every face row trained."""
+    started = time.time()
+    exp, metrics = spec["experiment"], spec["metrics"]
+    runs: list[dict[str, Any]] = []
+    cells = []
+    for seed in args.seeds:
+        student = [f"experiment={exp}/student", *common(None, args.epochs, seed), *args.overrides]
+        cells.append((STUDENT, "student", seed, student, ""))
+        for method in args.methods:
+            row = FACE_ROWS[method]
+            base = [f"experiment={exp}/{row['experiment']}", f"distill={row['distill']}",
+                    *common(None, args.epochs, seed), *row["overrides"]]
+            if args.cache and reads_teacher_outputs_only(method):
+                base += ["distill.teacher_cache.mode=disk", f"distill.teacher_cache.dir={shown_path(out / 'teacher_cache')}"]
+            cells.append((method, "distill", seed, [*base, *args.overrides], ""))
+        # the teacher of this seed's split: what the first distilled row reads (its data and teacher sections)
+        scored_with = next((c[3] for c in cells if c[1] == "distill" and c[2] == seed), None) or \
+            [f"experiment={exp}/face_kd", *common(None, args.epochs, seed), *args.overrides]
+        command = " ".join(shlex.quote(w) for w in ["python", "scripts/compare_methods.py", "--data", args.data,
+                                                      "--preset", args.preset, "--seeds", str(seed), "--methods",
+                                                      "--out", shown_path(out / "rerun")])
+        runs.append(score_face_teacher(seed, scored_with, out / FOLDERS[TEACHER] / f"seed{seed}", command, metrics))
+    teacher = to_teacher_label(scored_with)
+    settings["teacher_ckpt"] = teacher
+    run_cells(cells, out, args, settings, runs, threads, metrics)
+    return finish(out, args, settings, runs, started)
+
+
+def to_teacher_label(overrides: list[str]) -> str:
+    """How the face rows' teacher is named in the table: its ONNX file, or its checkpoint."""
+    from kdx.configs import to_dict
+
+    spec = to_dict(compose(overrides).teacher)
+    return str(spec.get("onnx") or spec.get("ckpt") or spec.get("name"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,7 +783,10 @@ def main(argv: list[str] | None = None) -> int:
                                                       *(sys.argv[1:] if argv is None else argv)]),
         "versions": versions(),
     }
+    face, metrics = spec["kind"] == "face", spec["metrics"]
     runs: list[dict[str, Any]] = []
+    if face:  # the pair's teacher is given (an ONNX model): scored on each seed's test identities, never trained
+        return run_face_benchmark(args, spec, out, settings, common, threads)
     if args.teacher_ckpt is not None:
         teacher = given_teacher(args.teacher_ckpt.resolve())
     else:
@@ -604,44 +823,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[compare] {method}: no recipe ({first_line(e)})", file=sys.stderr, flush=True)
             cells.append((method, "distill", seed, base, recipe))
 
-    def folder(method: str, seed: int, root: Path = out) -> Path:
-        return root / FOLDERS.get(method, method) / f"seed{seed}"
-
-    total = len(cells)
-    finished = 0
-
-    def collect(rec: dict[str, Any]) -> None:
-        nonlocal finished
-        finished += 1
-        runs.append(rec)
-        print(f"[compare] {finished}/{total} run(s) done", flush=True)
-        write_outputs(out, runs, args.methods, settings, png=False)
-
-    jobs = [(m, k, s, o, str(folder(m, s)), str(folder(m, s, out / "rerun")), threads, recipe, i)
-            for i, (m, k, s, o, recipe) in enumerate(cells)]
-    if args.jobs == 1:
-        for job in jobs:
-            collect(cell_worker(*job))
-    else:
-        import multiprocessing
-
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = {pool.submit(cell_worker, *job) for job in jobs}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    collect(future.result())
-
-    settings["wall_s"] = round(time.time() - started, 1)
-    rows, text = write_outputs(out, runs, args.methods, settings)
-    failed = [r for r in runs if r["status"] != "completed"]
-    print("\n" + text)
-    print(f"[compare] {len(runs) - len(failed)} run(s) finished, {len(failed)} failed, in {settings['wall_s']:.0f} s; "
-          f"wrote {out / (args.name + '.md')}, .csv, .json, .png and _versions.json", flush=True)
-    if args.publish is not None:
-        copied = publish(out, args.name, args.publish)
-        print(f"[compare] published {', '.join(shown_path(c) for c in copied)}", flush=True)
-    return 0
+    run_cells(cells, out, args, settings, runs, threads, metrics)
+    return finish(out, args, settings, runs, started)
 
 
 if __name__ == "__main__":

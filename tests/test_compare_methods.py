@@ -1,4 +1,5 @@
-"""scripts/compare_methods.py on the synthetic data: the method table, its files, and reuse of finished runs."""
+"""scripts/compare_methods.py on the synthetic data and on ORL faces: the method table, its files, and reuse of
+finished runs."""
 import csv
 import importlib.util
 import json
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 TINY = ["data.train_size=96", "data.val_size=32", "data.test_size=32", "data.batch_size=32",
@@ -120,3 +122,45 @@ def test_converged_preset_small_version_reproduces_a_cell_from_its_printed_comma
     assert again["config_hash"] == first["config_hash"] == runs["dkd"]["config_hash"]
     assert again["metrics"] == first["metrics"]  # every metric, to the last digit
     assert repr(again["metrics"]["test/acc1"]) == runs["dkd"]["test_acc1"]
+
+
+FACE_TINY = ["+trainer.limit_train_batches=2", "data.val_identities=2", "data.test_identities=4",
+             "data.num_val_pairs=20", "data.num_test_pairs=40", "student.kwargs.input_size=[32,32]",
+             "trainer.progress_bar=none"]
+
+
+def test_face_methods_table_on_orl_scores_the_given_teacher_per_seed_and_reuses_runs(tmp_path):
+    """--preset faces on real ORL images, reduced: the SFace teacher scored on each seed's test pairs (never
+    trained), the student alone and two face rows trained, the face metrics in the CSV and the table; a re-run
+    retrains and rescores nothing; a classification-only option is refused by name."""
+    script = load_script()
+    out = tmp_path / "faces"
+    args = ["--preset", "faces", "--methods", "emb_mse", "rkd", "--seeds", "0", "1", "--epochs", "1", "--jobs", "1",
+            "--out", str(out), "--", *FACE_TINY]
+    assert script.main(args) == 0
+    with open(out / "methods_faces.csv", newline="") as fh:
+        runs = list(csv.DictReader(fh))
+    assert {r["method"] for r in runs} == {"teacher", "student alone", "emb_mse", "rkd"}
+    assert all(r["status"] == "completed" for r in runs), [r["error"] for r in runs]
+    teachers = [r for r in runs if r["method"] == "teacher"]
+    assert sorted(r["seed"] for r in teachers) == ["0", "1"]  # one score per seed's identity split
+    assert all(r["fit_s"] == "" and r["checkpoint"] == "" for r in teachers)  # scored, not trained
+    for r in runs:
+        assert 0.5 <= float(r["test_verif_acc"]) <= 1.0 and 0.0 <= float(r["test_auc"]) <= 1.0, r
+        assert r["test_tar@far=1e-1"] != ""
+    # SFace (trained on millions of faces) verifies the held-out ORL identities better than a 1-epoch student
+    assert min(float(r["test_verif_acc"]) for r in teachers) > max(
+        float(r["test_verif_acc"]) for r in runs if r["method"] == "student alone")
+    rkd = next(r for r in runs if r["method"] == "rkd" and r["seed"] == "0")
+    words = shlex.split(rkd["command"])
+    assert "distill.method=rkd" in words and "~distill.projection" in words and "distill.teacher_cache.mode=disk" in words
+    rows = table_rows((out / "methods_faces.md").read_text())
+    assert rows[0][0].startswith("teacher (") and rows[1][0].startswith("student alone, margin loss")
+    assert all("±" in r[2] and "±" in r[4] for r in rows)  # verification accuracy and AUC, mean ± std
+
+    before = results_mtimes(out)
+    assert len(before) == 8
+    assert script.main(args) == 0
+    assert results_mtimes(out) == before
+    with pytest.raises(SystemExit):
+        script.parse_args(["--data", "orl", "--methods", "dkd"])
