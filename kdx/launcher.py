@@ -21,6 +21,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, open_dict
 
 from kdx.errors import ConfigError
+from kdx.progress import JOB_LABEL_ENV
 
 AUTO = "auto"
 
@@ -106,6 +107,16 @@ def reset_start_method() -> str | None:
     return current
 
 
+def job_label() -> str | None:
+    """`job <n>` of the sweep job this process is running (Hydra's job number, the name of its folder), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"job {HydraConfig.get().job.num}" if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - outside Hydra, or a job config without a number
+        return None
+
+
 class ParallelJob:
     """The task function of one parallel sweep job: its share of the cores applied, then the kdx job itself."""
 
@@ -124,14 +135,23 @@ class ParallelJob:
                 cfg.data.num_workers = workers
         note = f"data.num_workers {configured} -> {workers}" if workers != configured else \
             f"data.num_workers {configured}"
+        label = job_label()
         print(f"[kdx] parallel job: {threads} torch thread(s), {note} "
-              f"({self.plan.cores_per_job} of {self.plan.cores} cores)", flush=True)
+              f"({self.plan.cores_per_job} of {self.plan.cores} cores)" + (f", its lines start [{label}]" if label else ""),
+              flush=True)
         previous_method = reset_start_method()
         previous_threads = torch.get_num_threads()
+        previous_label = os.environ.get(JOB_LABEL_ENV)
         torch.set_num_threads(threads)
+        if label:
+            os.environ[JOB_LABEL_ENV] = label  # kdx.progress prefixes this job's progress lines with it
         try:
             return self.task_function(cfg)
         finally:
+            if previous_label is None:
+                os.environ.pop(JOB_LABEL_ENV, None)
+            else:
+                os.environ[JOB_LABEL_ENV] = previous_label
             torch.set_num_threads(previous_threads)
             if previous_method is not None:
                 try:

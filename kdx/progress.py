@@ -23,6 +23,13 @@ from kdx.errors import ConfigError
 
 PROGRESS_MODES = ("auto", "rich", "tqdm", "log", "none")
 AUTO_INTERVAL_S = 30.0  # progress_every=auto: seconds between two progress lines
+JOB_LABEL_ENV = "KDX_JOB_LABEL"  # set by the parallel launcher (kdx.launcher): lines of side-by-side jobs say whose
+
+
+def line_prefix() -> str:
+    """`[job 3] ` while this process runs a job of a parallel sweep (jobs print side by side), else ``."""
+    label = os.environ.get(JOB_LABEL_ENV)
+    return f"[{label}] " if label else ""
 
 
 def format_duration(seconds: float | None) -> str:
@@ -147,7 +154,7 @@ class EpochSummary(Callback):
         if max_epochs and epoch < max_epochs:
             mean = (sum(self.clock.epoch_times[:done_before]) + elapsed) / (done_before + 1)
             line += f"  ETA {format_duration((max_epochs - epoch) * mean)}"
-        print(line, flush=True)
+        print(line_prefix() + line, flush=True)
 
 
 class StepProgress(Callback):
@@ -195,7 +202,7 @@ class StepProgress(Callback):
             eta.append(f"run {format_duration(left)}")
         if eta:
             parts.append("ETA " + ", ".join(eta))
-        print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
+        print(line_prefix() + "  ".join(parts), file=self.stream or sys.stdout, flush=True)
         self._last_time, self._last_step, self._samples = now, step, 0
 
 

@@ -43,6 +43,9 @@ def test_parallel_launcher_runs_two_jobs_with_loader_workers_and_divides_the_cor
     assert f"[kdx] parallel launcher: 2 job(s) at a time on {available_cores()} CPU core(s)" in out.stdout
     assert out.stdout.count("[kdx] parallel job: ") == 2
     assert f"({per_job} of {available_cores()} cores)" in out.stdout
+    for job in ("0", "1"):  # side-by-side jobs' lines say which job printed them
+        assert f"its lines start [job {job}]" in out.stdout
+        assert f"[job {job}] epoch 1/" in out.stdout
     for job in ("0", "1"):
         assert results(sweep / job)["status"] == "completed"
         assert "num_workers: 1" in (sweep / job / "config.yaml").read_text()  # the loader really had a worker
