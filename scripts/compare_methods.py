@@ -219,7 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     if args.out is None:
-        args.out = preset["out"] if args.data == "fmnist" else preset["out"].with_name(preset["out"].name + "_" + args.data)
+        args.out = preset["out"] if args.data == preset.get("data", "fmnist") else \
+            preset["out"].with_name(preset["out"].name + "_" + args.data)
     if args.train_subset is _DEFAULT:
         args.train_subset = preset.get("train_subset", spec["default_subset"]) if args.data == "fmnist" \
             else spec["default_subset"]
