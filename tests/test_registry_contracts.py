@@ -169,7 +169,7 @@ def test_every_registered_model_meets_the_contract(name):
 
 
 # ------------------------------------------------------------------------------------------- presets
-PRESETS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if not p.stem.startswith("_"))  # _base: no method
 
 
 def preset_methods(preset: str) -> dict:
