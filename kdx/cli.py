@@ -211,3 +211,39 @@ def train_main() -> None:
 def pipeline_main() -> None:
     """kdx-pipeline: teacher -> student alone -> student distilled -> comparison."""
     _run_hydra_main(_pipeline, "pipeline")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="tune")
+def _tune(cfg: DictConfig) -> None:
+    """kdx-tune's task: the study of conf/tune.yaml's `tune` section (see kdx.tune)."""
+    try:
+        _tune_job(cfg)
+    except BaseException as e:
+        e._kdx_after_composition = True
+        raise
+
+
+def _tune_job(cfg: DictConfig) -> None:
+    from kdx.configs import to_dict
+    from kdx.tune.compose import distill_presets
+    from kdx.tune.settings import parse_settings
+
+    overrides = _task_overrides()
+    try:
+        if _is_multirun():
+            raise KdxError("kdx-tune runs its own search; drop -m/--multirun (and sweep=)")
+        check_added_keys(cfg, overrides, CONFIG_DIR)
+        settings = parse_settings(to_dict(cfg.get("tune")) or {}, to_dict(cfg.get("checkpoint")), distill_presets())
+        from kdx.tune.study import run_study  # Optuna and the training stack, once the settings are sound
+
+        run_study(cfg, _run_dir(), overrides, settings, search_path=_search_path_overrides(), config_dir=CONFIG_DIR)
+    except RunInterrupted as e:
+        print(f"kdx-tune: {e}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except KdxError as e:
+        _fail(e)
+
+
+def tune_main() -> None:
+    """kdx-tune: search distillation methods and their settings within a budget of trials (Optuna)."""
+    _run_hydra_main(_tune, "tune")
