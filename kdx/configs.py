@@ -2,7 +2,7 @@
 and image sizes given as one number or as [height, width]."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -15,8 +15,12 @@ def to_dict(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def build_datamodule(data_cfg: DictConfig):
-    """Instantiate the datamodule of `data._target_`; unknown keys are reported by name."""
+def build_datamodule(data_cfg: DictConfig, options: Mapping[str, Any] | None = None):
+    """Instantiate the datamodule of `data._target_`; unknown keys are reported by name.
+
+    `options` are arguments the run decides (kdx.tasks.Task.data_options: the seed of the views, seeded views for
+    the teacher cache); a data key given with another value is a ConfigError naming both.
+    """
     missing = [k for k in data_cfg if OmegaConf.is_missing(data_cfg, k)] if OmegaConf.is_config(data_cfg) else []
     if missing:  # `root: ???` in the YAML: a value only the user can give
         what = {"root": "the folder that holds the data"}
@@ -24,6 +28,11 @@ def build_datamodule(data_cfg: DictConfig):
         raise ConfigError(f"{', '.join('data.' + k for k in missing)} must be set for this data config "
                           f"({data_cfg.get('_target_')}): add {shown} to the command line")
     kwargs = {k: v for k, v in to_dict(data_cfg).items() if k not in ("name",)}
+    for key, value in dict(options or {}).items():
+        if key in kwargs and kwargs[key] != value:
+            raise ConfigError(f"data.{key}={kwargs[key]!r} disagrees with {key}={value!r}, which this run sets from "
+                              f"seed and distill.teacher_cache; drop data.{key}, or change those")
+        kwargs[key] = value
     try:
         return instantiate(kwargs, _convert_="all")
     except Exception as e:  # hydra wraps TypeError for unknown arguments

@@ -118,7 +118,7 @@ def instantiate(overrides: list[str], data: dict[str, Path], tmp_path: Path, tea
             teacher_ckpt = write_teacher_checkpoint(cfg, dm, tmp_path / "teacher.ckpt")
         cfg = compose_train([*overrides, *local_overrides(cfg, data), f"teacher.ckpt={teacher_ckpt}"])
     task = validate_config(cfg)
-    dm = build_datamodule(cfg.data)
+    dm = build_datamodule(cfg.data, task.data_options())  # as kdx-train builds it: the run's view settings
     dm.setup("fit")
     built = task.create(dm)
     assert built.params["network"] > 0 and all(n > 0 for n in built.params.values())

@@ -161,9 +161,9 @@ def test_device_batches_mix_with_the_same_draws():
 
 
 def _teacher_inputs(module):
+    """The batches the teacher network is run on (the teacher source's network, recorded by a pre-hook)."""
     seen = []
-    original = module._teacher_outputs
-    module._teacher_outputs = lambda x: (seen.append(x.clone()), original(x))[1]
+    module.teacher.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
     return seen
 
 
@@ -175,9 +175,10 @@ def test_the_teacher_is_fed_what_the_regime_says_to_the_bit(synthetic_teacher, r
 
     cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "data.mix.mode=both",
                          f"data.teacher_view={regime}", "data.train_size=32"])
-    dm = build_datamodule(cfg.data)
+    task = task_for(cfg)
+    dm = build_datamodule(cfg.data, task.data_options())
     dm.setup("fit")
-    module = task_for(cfg).create(dm).module
+    module = task.create(dm).module
     module.log = lambda *a, **k: None
     seen = _teacher_inputs(module)
     batch = next(iter(dm.train_dataloader()))
@@ -232,10 +233,12 @@ def test_fixed_teacher_stores_one_view_per_image(synthetic_teacher):
 
     cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "data.teacher_view=fixed",
                          "distill.teacher_cache.mode=memory", "trainer.max_epochs=5", "data.train_size=32"])
-    dm = build_datamodule(cfg.data)
+    task = task_for(cfg)
+    dm = build_datamodule(cfg.data, task.data_options())
     dm.setup("fit")
-    module = task_for(cfg).create(dm).module
-    assert module.teacher_cache.num_views == 1 and dm.view_count is None  # the student still gets a view per epoch
+    module = task.create(dm).module
+    cache = module.teacher_source.cache
+    assert cache.num_views == 1 and dm.view_count is None  # the student still gets a view per epoch
 
 
 @pytest.mark.parametrize("overrides, message", [

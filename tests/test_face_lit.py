@@ -125,7 +125,7 @@ def test_distillation_reduces_embedding_loss_and_keeps_teacher_frozen(face_dm, t
     def emb_cos():
         module.eval()
         with torch.no_grad():
-            db = module.distill_batch({"images": x, "labels": y, "index": None}, module._student_outputs, module.teacher_outputs)
+            db = module.distill_batch({"images": x, "labels": y, "index": None}, module._student_outputs)
             return float(module.distillers(db)["emb_cos"])
 
     start = emb_cos()
@@ -208,22 +208,30 @@ def test_logit_kd_needs_a_teacher_with_the_same_identities(face_dm):
 
 
 def test_face_teacher_outputs_come_from_the_cache_when_views_repeat(face_dm, tmp_path):
-    """Two fixed views per image: from the third epoch on, every teacher embedding is served by the cache."""
-    from kdx.lit.distill import apply_teacher_cache
+    """Two views per image, decided when the datamodule is built: from the third epoch on, every teacher
+    embedding is served by the cache of the teacher source, which was built (cache included) before the module."""
+    from kdx.distill import build_distiller_set, face_source, plan_teacher_cache
 
-    teacher = _torch_teacher(24)
-    module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, distill={"method": "emb_cos"},
-                                    optim=OPTIM, model_meta=_meta(dm=face_dm))
-    apply_teacher_cache(module, face_dm, {"name": "ids"}, {"mode": "memory", "views": 2}, seed=0, max_epochs=4)
+    with pytest.raises(ConfigError, match="needs seeded views, but this FaceFolderDataModule was built without them"):
+        plan_teacher_cache({"mode": "memory"}, face_dm, {"name": "ids"}, max_epochs=4)
+    dm = FaceFolderDataModule(face_dm.root, val_identities=4, num_val_pairs=40, batch_size=16, image_size=24, seed=0,
+                              seeded_views=True, views=2, view_seed=3)
+    dm.setup("fit")
+    plan = plan_teacher_cache({"mode": "memory", "views": 2}, dm, {"name": "ids"}, max_epochs=4)
+    assert plan.seed == 3 and plan.num_samples == len(dm.train_set) and plan.identity["sizes"] == dm.describe()
+    teacher, student = _torch_teacher(24), _student(16)
+    source = face_source(teacher, build_distiller_set({"method": "emb_cos"}, task="face"), student,
+                         example=probe_teacher(teacher, dm, ModelSpec()), cache=plan)
+    assert source.cache.outputs == {"embedding": 24} and source.cache.num_views == 2
+    module = FaceDistillationModule(student, source, dm.num_classes, optim=OPTIM, model_meta=_meta(dm=dm))
     rates = []
 
     class Rate(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
-            rates.append(pl_module.teacher_cache.stats()["hit_rate"])  # callbacks run before the module resets it
+            rates.append(pl_module.teacher_source.cache.stats()["hit_rate"])  # callbacks run before the module resets it
 
-    _trainer(tmp_path, epochs=4, limit_val_batches=0, callbacks=[Rate()]).fit(module, datamodule=face_dm)
+    _trainer(tmp_path, epochs=4, limit_val_batches=0, callbacks=[Rate()]).fit(module, datamodule=dm)
     assert rates == [0.0, 0.0, 1.0, 1.0]
-    face_dm.seeded_views = False
 
 
 def _export(model, path, shape, dynamic_hw=False):
@@ -297,6 +305,6 @@ def test_face_host_computes_logits_only_for_methods_that_read_them(face_dm):
         module = FaceDistillationModule(_student(16), _torch_teacher(16, head, face_dm.class_names),
                                         face_dm.num_classes, distill={"method": method}, shared_identities=True,
                                         optim=OPTIM, model_meta=_meta(dm=face_dm))
-        db = module.distill_batch({"images": x, "labels": y, "index": None}, module._student_outputs, module.teacher_outputs)
+        db = module.distill_batch({"images": x, "labels": y, "index": None}, module._student_outputs)
         assert ("student_logits" in db, "teacher_logits" in db) == (wants, wants), method
         assert "student_embedding" in db and "teacher_embedding" in db

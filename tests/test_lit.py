@@ -8,7 +8,7 @@ from kdx.distill import weigh_losses
 from kdx.data import SyntheticDataModule
 from kdx.lit import ClassifierModule, DistillationModule, LinearProbeModule
 from kdx.losses import kd_loss
-from kdx.models import build_model
+from kdx.models import build_model, penultimate_features
 
 OPTIM = {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
          "schedule": "constant"}
@@ -165,51 +165,87 @@ def test_distill_batch_holds_what_the_distillers_read(data, teacher):
     x, y = x[:6], y[:6].clone()
     y[[1, 4]] = -1
     idx = torch.arange(6)
-    b = module.distill_batch({"images": x, "labels": y, "index": idx}, module._student_outputs, module._teacher_outputs)
+    b = module.distill_batch({"images": x, "labels": y, "index": idx}, module._student_outputs)
     assert (b["epoch"], b["max_epochs"]) == (0, 0) and b["images"] is x and torch.equal(b["indices"], idx)
     assert not b["teacher_logits"].requires_grad and b["student_logits"].requires_grad
     assert b["teacher_embedding"].shape[0] == 6 and b["student_embedding"].requires_grad
     want = torch.where(y < 0, teacher(x).argmax(1), y)
     assert torch.equal(b["labels"], want) and not torch.equal(want, y)
+    # the teacher's embedding is read at its classifier's input, by the source's tap
+    torch.testing.assert_close(b["teacher_embedding"], penultimate_features(teacher, x)[0].flatten(1))
     labelled = y.clamp(min=0)
-    assert torch.equal(module.distill_batch({"images": x, "labels": labelled, "index": None}, module._student_outputs,
-                                            module._teacher_outputs)["labels"], labelled)
+    assert torch.equal(module.distill_batch({"images": x, "labels": labelled, "index": None},
+                                            module._student_outputs)["labels"], labelled)
     module._trainer = SimpleNamespace(current_epoch=3, max_epochs=7)
-    b = module.distill_batch({"images": x, "labels": labelled, "index": None}, module._student_outputs, module._teacher_outputs)
+    b = module.distill_batch({"images": x, "labels": labelled, "index": None}, module._student_outputs)
     assert (b["epoch"], b["max_epochs"]) == (3, 7) and "indices" not in b
-    with pytest.raises(KeyError):
-        module._run(x, module._teacher_outputs, "Teacher")
     # labels 0 are a class, not "unlabeled"; no labels at all is allowed; the label dtype is kept
     zeros = torch.zeros(6, dtype=torch.int32)
-    b = module.distill_batch({"images": x, "labels": zeros, "index": None}, module._student_outputs, module._teacher_outputs)
+    b = module.distill_batch({"images": x, "labels": zeros, "index": None}, module._student_outputs)
     assert torch.equal(b["labels"], zeros) and b["labels"].dtype == torch.int32
-    b = module.distill_batch({"images": x, "labels": y.int(), "index": None}, module._student_outputs, module._teacher_outputs)
+    b = module.distill_batch({"images": x, "labels": y.int(), "index": None}, module._student_outputs)
     assert b["labels"].dtype == torch.int32 and torch.equal(b["labels"], want.int())
-    assert "labels" not in module.distill_batch({"images": x, "labels": None, "index": None}, module._student_outputs, module._teacher_outputs)
+    assert "labels" not in module.distill_batch({"images": x, "labels": None, "index": None}, module._student_outputs)
     # an embedding the network returns itself is kept, not replaced by the tapped classifier input
     marker = torch.full((6, 3), 7.0)
-    outputs, _ = module._run(x, lambda xs: {"logits": module.net(xs), "embedding": marker}, "student")
+    outputs, _ = module._run_student(x, lambda xs: {"logits": module.net(xs), "embedding": marker})
     assert outputs["embedding"] is marker
 
 
 def test_teacher_outputs_come_from_the_cache_only_with_indices_and_views(data, teacher):
-    module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4, optim=OPTIM)
+    """One teacher source, built before the module with its cache: the host asks it for every answer."""
+    from kdx.distill import CachePlan, build_distiller_set, classifier_source
+
+    student = build_model("cnn_tiny", 4, in_chans=3)
     _b = next(iter(data.train_dataloader()))
     x, y = _b["images"], _b["labels"]
-    calls = []
-
-    def cache(images, indices, views, compute):
-        calls.append((indices.tolist(), views.tolist()))
-        return compute(images)
-
-    module.teacher_cache = cache
-    idx, views = torch.arange(len(y)), torch.zeros(len(y), dtype=torch.long)
+    plan = CachePlan({"mode": "memory"}, {"data": {"name": "synthetic"}}, seed=0, num_samples=len(data.train_set),
+                     max_epochs=3)
+    source = classifier_source(teacher, build_distiller_set({"method": "kd"}), student, example=x[:2], cache=plan)
+    assert source.cache.outputs == {"logits": 4} and source.cache.num_views == 3  # widths probed by the source
+    module = DistillationModule(student, source, 4, optim=OPTIM)
+    assert module.teacher_source is source and module.teacher is teacher and module.distillers is source.distillers
     module.log = lambda *a, **k: None
+    idx, views = torch.arange(len(y)), torch.zeros(len(y), dtype=torch.long)
     module.training_step((x, y, idx, views), 0)
-    assert calls == [(idx.tolist(), views.tolist())]
+    module.training_step((x, y, idx, views), 0)
+    assert (source.cache.hits, source.cache.misses) == (len(y), len(y))  # the second step was served
     module.training_step((x, y, idx), 0)
     module.training_step((x, y), 0)
-    assert len(calls) == 1  # no views or no indices: the teacher runs
+    assert (source.cache.hits, source.cache.misses) == (len(y), len(y))  # no views or no indices: the teacher runs
+    served, features = source(x, idx, views)
+    assert features == {}
+    torch.testing.assert_close(served["logits"], teacher(x), rtol=1e-3, atol=1e-3)  # float16 rows
+    with pytest.raises(ValueError, match="distill is decided when the teacher source is built"):
+        DistillationModule(student, source, 4, distill={"method": "dkd"}, optim=OPTIM)
+
+
+def test_a_cache_of_a_source_that_taps_teacher_layers_is_refused(data, teacher):
+    from kdx.distill import CachePlan, build_distiller_set, classifier_source
+    from kdx.errors import ConfigError
+
+    plan = CachePlan({"mode": "memory"}, {}, seed=0, num_samples=8, max_epochs=1)
+    with pytest.raises(ConfigError, match=r"teacher_cache stores outputs only, but the methods read teacher layers"):
+        classifier_source(teacher, build_distiller_set({"method": "at"}), build_model("cnn_tiny", 4, in_chans=3),
+                          example=torch.zeros(2, 3, 16, 16), cache=plan)
+    with pytest.raises(ConfigError, match="a new view every epoch needs trainer.max_epochs"):
+        classifier_source(teacher, build_distiller_set({"method": "kd"}), build_model("cnn_tiny", 4, in_chans=3),
+                          example=torch.zeros(2, 3, 16, 16), cache=CachePlan({"mode": "memory"}, {}, 0, 8, None))
+
+
+def test_the_teacher_source_is_moved_with_the_module_but_is_not_its_child(teacher):
+    import copy
+
+    net = copy.deepcopy(teacher)
+    module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), net, 4, distill={"method": "fitnet"},
+                                optim=OPTIM)
+    assert not any(m is net for m in module.modules()) and not module.teacher.training
+    assert module.teacher_source.layers  # fitnet reads a teacher stage: the source taps it
+    module.double()
+    assert all(p.dtype == torch.float64 for p in net.parameters()) and not net.training
+    _, features = module.teacher_source(torch.zeros(2, 3, 16, 16, dtype=torch.float64))
+    assert set(features) == set(module.teacher_source.layers)
+    assert all(not v.requires_grad for v in features.values())
 
 
 def test_training_step_logs_with_the_batch_size_and_refuses_clashing_terms(data, teacher):

@@ -194,7 +194,7 @@ def _write_checkpoint(module, path: Path) -> Path:
 def _built(overrides: list[str]):
     cfg = compose_train(overrides)
     task = validate_config(cfg)
-    dm = build_datamodule(cfg.data)
+    dm = build_datamodule(cfg.data, task.data_options())
     dm.setup("fit")
     return task.create(dm), dm
 

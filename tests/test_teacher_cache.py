@@ -453,16 +453,67 @@ def _folder_args(root: Path) -> list[str]:
 
 def _store_key(teacher: Path, overrides: list[str]) -> str:
     """The key of the store the distillation host opens for this config: compose, validate, set up the real
-    datamodule, build the module through its task (kdx.lit.distill.apply_teacher_cache)."""
+    datamodule with the run's view settings, build the module through its task (its teacher source's cache)."""
     from kdx.configs import build_datamodule
     from kdx.tasks import validate_config
 
     cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={teacher}", "distill.teacher_cache.mode=memory",
                          *overrides])
     task = validate_config(cfg)
-    dm = build_datamodule(cfg.data)
+    dm = build_datamodule(cfg.data, task.data_options())
     dm.setup("fit")
-    return task.create(dm).module.teacher_cache.key
+    return task.create(dm).module.teacher_source.cache.key
+
+
+def test_the_store_key_is_made_of_what_it_always_was_so_existing_stores_stay_valid(synthetic_teacher):
+    """The key, rebuilt from its ingredients by hand: the teacher's weights, the data config without its loader
+    settings, the datamodule's sizes and contents, the teacher spec, the seed of the views, the view scheme, top-k
+    and the stored outputs with their widths (a change to any of them would orphan every store on disk)."""
+    from kdx.checkpoints import load_network
+    from kdx.configs import build_datamodule, to_dict
+    from kdx.tasks import validate_config
+
+    cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "seed=5",
+                         "distill.teacher_cache.mode=memory", "distill.teacher_cache.views=3", "data.train_size=32"])
+    task = validate_config(cfg)
+    assert task.data_options() == {"view_seed": 5, "seeded_views": True, "views": 3}
+    dm = build_datamodule(cfg.data, task.data_options())
+    dm.setup("fit")
+    assert (dm.view_seed, dm.seeded_views, dm.view_count) == (5, True, 3)  # decided by the constructor
+    cache = task.create(dm).module.teacher_source.cache
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in
+            ("batch_size", "eval_batch_size", "num_workers", "persistent_workers", "pin_memory", "name")}
+    identity = {"data": data, "sizes": dm.describe(), "contents": dm.data_fingerprint(), "teacher": to_dict(cfg.teacher)}
+    teacher = load_network(str(synthetic_teacher))[0]
+    assert cache.key == cache_key(teacher_fingerprint(teacher), identity, 5, 3, None, {"logits": dm.num_classes})
+    assert cache.outputs == {"logits": dm.num_classes} and cache.num_samples == 32 and cache.num_views == 3
+
+
+def test_the_datamodule_gets_its_views_when_it_is_built_or_a_sentence_says_why_not(synthetic_teacher):
+    from omegaconf import OmegaConf
+
+    from kdx.configs import build_datamodule
+    from kdx.errors import ConfigError
+    from kdx.tasks import task_for, validate_config
+
+    base = ["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "seed=2", "data.train_size=32"]
+    task = validate_config(compose_train(base))
+    assert task.data_options() == {"view_seed": 2}  # without the cache: the seed only
+    cached = compose_train([*base, "distill.teacher_cache.mode=memory"])
+    task = validate_config(cached)
+    plain = build_datamodule(cached.data)  # built without the run's view settings
+    plain.setup("fit")
+    with pytest.raises(ConfigError, match=r"built with view_seed=0, seeded_views=False, but this run needs "
+                                          r"view_seed=2, seeded_views=True; build it with the run's view settings"):
+        task.create(plain)
+    with pytest.raises(ConfigError, match=r"data.views=4 disagrees with views=None, which this run sets"):
+        build_datamodule(compose_train([*base, "distill.teacher_cache.mode=memory", "+data.views=4"]).data,
+                         task.data_options())
+    foreign = OmegaConf.merge(cached, {"data": {"_target_": "pytorch_lightning.LightningDataModule"}})
+    with pytest.raises(ConfigError, match="distill.teacher_cache needs seeded views, which LightningDataModule does "
+                                          "not give; use a kdx datamodule or set distill.teacher_cache.mode=off"):
+        task_for(foreign).data_options()
+    assert task_for(OmegaConf.merge(foreign, {"distill": {"teacher_cache": {"mode": "off"}}})).data_options() == {}
 
 
 def test_every_data_setting_and_the_files_contents_are_in_the_store_key_loader_settings_are_not(

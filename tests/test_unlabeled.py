@@ -88,7 +88,7 @@ def test_unlabeled_rows_get_the_teachers_prediction_for_label_methods():
     module = DistillationModule(build_model("cnn_tiny", 4, in_chans=3), teacher, 4, distill={"method": "dkd"},
                                 example_input=torch.randn(2, 3, 16, 16))
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([1, -1, 2, -1, -1, 0])
-    batch = module.distill_batch({"images": x, "labels": y, "index": None}, module._student_outputs, module._teacher_outputs)
+    batch = module.distill_batch({"images": x, "labels": y, "index": None}, module._student_outputs)
     predicted = teacher(x).argmax(1)
     assert batch["labels"].tolist() == [1, *predicted[[1]].tolist(), 2, *predicted[[3, 4]].tolist(), 0]
 

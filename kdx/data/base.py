@@ -37,7 +37,7 @@ class KdxDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = True, eval_batch_size: int | None = None, seeded_views: bool = False,
                  views: int | None = None, on_device: bool = False, sampler: str | None = None,
-                 mix: dict | MixSpec | None = None, teacher_view: str = "consistent") -> None:
+                 mix: dict | MixSpec | None = None, teacher_view: str = "consistent", view_seed: int = 0) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -54,10 +54,11 @@ class KdxDataModule(pl.LightningDataModule):
         self.mix = check_mix(mix)
         self.teacher_view = check_teacher_view(teacher_view)
         # seeded views (kdx.data.views): each training image's augmentation (and mix) a function of
-        # (view_seed, view, index); view = epoch, or epoch % view_count
+        # (view_seed, view, index); view = epoch, or epoch % view_count. Decided here, once: kdx.train passes the
+        # run's seed as view_seed, and seeded_views/views when the teacher cache is on (kdx.tasks.Task.data_options)
         self.seeded_views = bool(seeded_views) or self.mix.active or self.teacher_view != "consistent"
         self.view_count: int | None = int(views) if views else None
-        self.view_seed = 0  # the run's seed (set by kdx.train)
+        self.view_seed = int(view_seed)  # also the balanced sampler's seed
         self.on_device = bool(on_device)  # keep in-memory images on the training device, augment them there
         self.sampler = check_sampler(sampler)  # None: shuffle; "balanced": each class (identity) equally likely
 

@@ -167,7 +167,8 @@ class FaceFolderDataModule(KdxDataModule):
                  test_identities: float | int | None = None, num_test_pairs: int | None = None,
                  sampler: str | None = None, labels: bool = True, crops: str | None = None,
                  train_crop_scale: float = 1.0,
-                 mix: dict | None = None, teacher_view: str = "consistent"):
+                 mix: dict | None = None, teacher_view: str = "consistent", seeded_views: bool = False,
+                 views: int | None = None, view_seed: int = 0):
         """`val_identities`: held-out fraction (0 < f < 1) or count; `num_val_pairs`: pairs built from them.
 
         `test_identities` (fraction or count, default None): hold out a second, disjoint set of identities
@@ -179,10 +180,12 @@ class FaceFolderDataModule(KdxDataModule):
         `labels=False` keeps the training identities' images but gives each the label -1; `crops=DIR` trains on
         every image under DIR instead (a flat or nested folder of face crops; any folder names are ignored), and
         `root`'s identities are used for the held-out verification pairs only.
-        `mix` / `teacher_view`: batch mixing and the teacher's view (kdx.data.mixing).
+        `mix` / `teacher_view`: batch mixing and the teacher's view (kdx.data.mixing); `seeded_views` / `views` /
+        `view_seed`: seeded views (kdx.data.base.KdxDataModule).
         """
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         eval_batch_size=eval_batch_size, sampler=sampler, mix=mix, teacher_view=teacher_view)
+                         eval_batch_size=eval_batch_size, sampler=sampler, mix=mix, teacher_view=teacher_view,
+                         seeded_views=seeded_views, views=views, view_seed=view_seed)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.val_identities = val_identities
@@ -385,10 +388,12 @@ class FaceRecordDataModule(KdxDataModule):
     def __init__(self, rec_dir: str | os.PathLike, val_bin: str | os.PathLike, test_bin: str | os.PathLike | None = None,
                  batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
                  image_size: int | Sequence[int] = 112, in_chans: int = 3, mean: float | Sequence[float] = 0.5,
-                 std: float | Sequence[float] = 0.5, train_flip: bool = True, pin_memory: bool = False):
-        """`rec_dir` holds train.rec, train.idx (and property); `val_bin`/`test_bin` are InsightFace .bin files."""
+                 std: float | Sequence[float] = 0.5, train_flip: bool = True, pin_memory: bool = False,
+                 seeded_views: bool = False, views: int | None = None, view_seed: int = 0):
+        """`rec_dir` holds train.rec, train.idx (and property); `val_bin`/`test_bin` are InsightFace .bin files;
+        `seeded_views` / `views` / `view_seed`: seeded views (kdx.data.base.KdxDataModule)."""
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         eval_batch_size=eval_batch_size)
+                         eval_batch_size=eval_batch_size, seeded_views=seeded_views, views=views, view_seed=view_seed)
         self.save_hyperparameters()
         self.rec_dir = Path(rec_dir).expanduser()
         self.val_bin = Path(val_bin).expanduser()

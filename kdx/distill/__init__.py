@@ -15,11 +15,13 @@ from kdx.distill.base import (
 )
 from kdx.distill.mix import HOST_KEYS, DistillerSet, build_distiller_set, require_sample_indices, split_distill_config, weigh_losses
 from kdx.distill.taps import LayerTaps, resolve_layer
+from kdx.distill.source import CachePlan, TeacherSource, classifier_source, face_source, plan_teacher_cache
 
 __all__ = [
-    "HOST_KEYS", "DistillBatch", "Distiller", "DistillerSet", "LayerTaps", "available_distillers",
-    "build_distiller", "build_distiller_set", "require_sample_indices", "distiller_class", "distiller_parameters", "register_distiller", "weigh_losses",
-    "resolve_layer", "split_distill_config",
+    "HOST_KEYS", "CachePlan", "DistillBatch", "Distiller", "DistillerSet", "LayerTaps", "TeacherSource",
+    "available_distillers", "build_distiller", "build_distiller_set", "require_sample_indices", "classifier_source",
+    "distiller_class", "distiller_parameters", "face_source", "plan_teacher_cache", "register_distiller",
+    "weigh_losses", "resolve_layer", "split_distill_config",
 ]
 
 from kdx.distill import methods  # noqa: E402,F401  (each method file registers itself)

@@ -11,15 +11,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from kdx.configs import to_dict
+from kdx.data.base import KdxDataModule
 from kdx.data.mixing import check_mix
+from kdx.distill.cache import check_cache_config
 from kdx.errors import ConfigError
 from kdx.schemas import check_section
 
@@ -63,15 +67,67 @@ class Task:
                               f"task={self.name} has no teacher; set data.teacher_view=consistent")
 
     def create(self, dm: Any) -> Built:
-        """Check the run, tie the datamodule's seeded views to the run's seed, and build the module."""
+        """Check the run and the datamodule's views, and build the module."""
         self.check()
-        if hasattr(dm, "view_seed"):
-            dm.view_seed = int(self.cfg.seed)  # seeded views (data.seeded_views, the teacher cache) follow the seed
+        self.check_views(dm)
         built = self.build(dm)
         # kdx's own trainer options, honoured by every task's module (kdx.lit.layout.LayoutMixin)
         built.module.channels_last = bool(self.cfg.trainer.get("channels_last", False))
         built.module.compile_networks = bool(self.cfg.trainer.get("compile", False))
         return built
+
+    def cache_settings(self) -> dict[str, Any]:
+        """`distill.teacher_cache` checked, with its defaults; mode off for a task without a teacher."""
+        settings = to_dict(self.cfg.get("distill") or {}).get("teacher_cache") if self.distills else None
+        return check_cache_config(settings)
+
+    def data_options(self) -> dict[str, Any]:
+        """The datamodule arguments this run decides, given to its constructor (kdx.train passes them to
+        kdx.configs.build_datamodule): `view_seed`, the run's seed (seeded views and the balanced sampler follow
+        it), and with the teacher cache on `seeded_views=True` and `views` (distill.teacher_cache.views: each
+        image's views cycle through that many). Empty for a datamodule that is not a KdxDataModule; with the cache
+        on, that is a ConfigError."""
+        cache = self.cache_settings()
+        target = self.cfg.data.get("_target_")
+        try:
+            cls = get_class(str(target))
+        except Exception:  # named by validate_config / build_datamodule, in their words
+            return {}
+        if not (isinstance(cls, type) and issubclass(cls, KdxDataModule)):
+            if cache["mode"] != "off":
+                raise ConfigError(f"distill.teacher_cache needs seeded views, which {cls.__name__} does not give; "
+                                  "use a kdx datamodule or set distill.teacher_cache.mode=off")
+            return {}
+        options: dict[str, Any] = {"view_seed": int(self.cfg.seed)}
+        if cache["mode"] != "off":
+            options.update(seeded_views=True, views=cache["views"])
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            missing = [k for k in options if k not in params]
+            if missing:
+                raise ConfigError(f"{target}.__init__ does not take {', '.join(missing)}, which every kdx datamodule "
+                                  f"takes (the run's view settings); add {'them' if len(missing) > 1 else 'it'} to "
+                                  "its arguments and pass them on to KdxDataModule.__init__")
+        return options
+
+    def check_views(self, dm: Any) -> None:
+        """A ConfigError when a KdxDataModule was built without the view settings this run gives it
+        (`data_options`): a teacher cache would store outputs of views the run does not train on."""
+        if not isinstance(dm, KdxDataModule):
+            return
+        cache = self.cache_settings()["mode"] != "off"
+        wanted: dict[str, Any] = {}
+        if cache or dm.seeded_views or dm.sampler:  # the seed is read only by seeded views and the balanced sampler
+            wanted["view_seed"] = int(self.cfg.seed)
+        if cache:
+            wanted.update(seeded_views=True, views=self.cache_settings()["views"])
+        has = {"view_seed": dm.view_seed, "seeded_views": dm.seeded_views, "views": dm.view_count}
+        wrong = [k for k, v in wanted.items() if has[k] != v]
+        if wrong:
+            raise ConfigError(f"the datamodule was built with {', '.join(f'{k}={has[k]!r}' for k in wrong)}, but this "
+                              f"run needs {', '.join(f'{k}={wanted[k]!r}' for k in wrong)}; build it with the run's "
+                              "view settings, kdx.configs.build_datamodule(cfg.data, task.data_options()), as "
+                              "kdx-train does")
 
     def build(self, dm: Any) -> Built:  # pragma: no cover - abstract
         """The LightningModule of this run, built from the config and the (set-up) datamodule."""

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 from kdx.configs import to_dict
 from kdx.distill import build_distiller_set, require_sample_indices
+from kdx.distill.source import classifier_source, plan_teacher_cache
 from kdx.errors import ConfigError
 from kdx.lit import DistillationModule
-from kdx.lit.distill import apply_teacher_cache
 from kdx.schemas import choice
 from kdx.tasks.base import Built, count_parameters, example_images, register_task
 from kdx.tasks.supervised import ClassifierOptions, SupervisedTask, build_network, model_spec
@@ -52,12 +52,13 @@ class DistillTask(SupervisedTask):
         distillers = build_distiller_set(methods, task="classification")
         require_sample_indices(dm, distillers)
         net, meta = self.trained_network(dm)
-        teacher_spec = model_spec(self.cfg, "teacher")
-        teacher, _ = build_network(teacher_spec, dm.num_classes, dm.in_chans)
-        module = DistillationModule(net, teacher, dm.num_classes, distill=distillers, alpha=host.get("alpha", 0.9),
-                                    save_teacher=bool(host.get("save_teacher", False)),
-                                    example_input=example_images(dm), num_samples=len(dm.train_set),
-                                    **self.classifier_kwargs(meta))
-        apply_teacher_cache(module, dm, to_dict(self.cfg.data), host.get("teacher_cache"), int(self.cfg.seed),
-                            self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher))
+        teacher, _ = build_network(model_spec(self.cfg, "teacher"), dm.num_classes, dm.in_chans)
+        example = example_images(dm)
+        # the teacher source, built once and completely before the module: network, taps and cache
+        cache = plan_teacher_cache(host.get("teacher_cache"), dm, to_dict(self.cfg.data),
+                                   self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher))
+        source = classifier_source(teacher, distillers, net, example=example, cache=cache)
+        module = DistillationModule(net, source, dm.num_classes, alpha=host.get("alpha", 0.9),
+                                    save_teacher=bool(host.get("save_teacher", False)), example_input=example,
+                                    num_samples=len(dm.train_set), **self.classifier_kwargs(meta))
         return Built(module, {"network": count_parameters(net), "teacher": count_parameters(teacher)})

@@ -9,10 +9,10 @@ import torch
 from kdx.configs import to_dict
 from kdx.data.mixing import check_mix
 from kdx.distill import build_distiller_set, require_sample_indices
+from kdx.distill.source import face_source, plan_teacher_cache
 from kdx.distill.teachers import FaceTeacher, build_face_teacher
 from kdx.errors import ConfigError, KdxError
 from kdx.lit import FaceDistillationModule
-from kdx.lit.distill import apply_teacher_cache
 from kdx.models.onnx_teacher import onnx_parameter_count
 from kdx.schemas import ModelSpec
 from kdx.tasks.base import Built, count_parameters, register_task
@@ -86,12 +86,13 @@ class FaceDistillTask(FaceTask):
         teacher = build_face_teacher(vars(spec), data_mean=getattr(dm, "mean", 0.5), data_std=getattr(dm, "std", 0.5))
         example = probe_teacher(teacher, dm, spec)
         shared = bool(teacher.class_names) and teacher.class_names == list(getattr(dm, "class_names", []) or [])
+        # the teacher source, built once and completely before the module: network, taps and cache
+        cache = plan_teacher_cache(host.get("teacher_cache"), dm, to_dict(self.cfg.data),
+                                   self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher),
+                                   teacher_file=str(teacher.net.path) if teacher.is_onnx else None)
+        source = face_source(teacher, distillers, net, shared_identities=shared, example=example, cache=cache)
         module = FaceDistillationModule(
-            net, teacher, dm.num_classes, distill=distillers, alpha=host.get("alpha", 0.5),
-            save_teacher=bool(host.get("save_teacher", False)), shared_identities=shared, example_input=example,
-            num_samples=len(dm.train_set), **self.face_kwargs(meta))
-        apply_teacher_cache(module, dm, to_dict(self.cfg.data), host.get("teacher_cache"), int(self.cfg.seed),
-                            self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher),
-                            teacher_file=str(teacher.net.path) if teacher.is_onnx else None)
+            net, source, dm.num_classes, alpha=host.get("alpha", 0.5), save_teacher=bool(host.get("save_teacher", False)),
+            example_input=example, num_samples=len(dm.train_set), **self.face_kwargs(meta))
         t_params = onnx_parameter_count(teacher.net.path) if teacher.is_onnx else count_parameters(teacher)
         return Built(module, {"network": count_parameters(net), "teacher": t_params})

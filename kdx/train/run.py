@@ -189,9 +189,10 @@ def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *
     try:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         torch.set_flush_denormal(True)  # tiny weights late in SGD otherwise slow CPU math several-fold
-        dm = build_datamodule(cfg.data)
+        task = task_for(cfg)
+        dm = build_datamodule(cfg.data, task.data_options())  # its views decided now: the seed, the teacher cache
         dm.setup("fit")
-        built = task_for(cfg).create(dm)
+        built = task.create(dm)
         module = built.module
         check_batch_size(dm, cfg.data.get("batch_size"))
         check_monitor(module, dm, (cfg.get("checkpoint") or {}).get("monitor"))
