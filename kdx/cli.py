@@ -111,7 +111,8 @@ def _train_job(cfg: DictConfig) -> float | None:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         kind = "" if isinstance(e, KdxError) else f"{type(e).__name__}: "
         print(f"kdx: job {run_dir} failed: {kind}{message}", file=sys.stderr, flush=True)
-        _record_failure(run_dir, e)
+        if is_global_zero_process():  # the other ranks of a torchrun/srun job share rank 0's folder
+            _record_failure(run_dir, e)
         return float("nan")
     if not is_global_zero_process():
         return None

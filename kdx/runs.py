@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdx.errors import CheckpointError, ConfigError, RunExistsError
 from kdx.io import (LOCK_FILE, RESULTS_FILE, SET_ASIDE_MARKERS, config_hash, create_unique_folder, read_results)
+from kdx.ranks import launch_rank, launch_stamp
 
 RESUME_CKPT_ENV = "KDX_RESUME_CKPT"  # checkpoint that rank 0 resumes from, inherited by the other ranks
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
@@ -53,8 +54,15 @@ def resolve_run_dir(resume: Any, base: str, stamp: str) -> str:
     A new run's folder is created here, atomically (kdx.io.create_unique_folder): two runs started in the
     same second get `base/stamp` and `base/stamp-2` instead of sharing one folder. (The resolver is cached,
     and Hydra copies the cache into every job of a sweep, so each invocation creates one folder.)
+    In a job that torchrun or srun started as several processes, every process takes `base/<job id>`
+    (kdx.ranks.launch_stamp) and only rank 0 creates it; what to do with an existing one is the run policy's.
     """
     if is_resume_off(resume):
+        shared = launch_stamp(str(stamp))
+        if shared != str(stamp):
+            if launch_rank() == 0:
+                Path(base, shared).mkdir(parents=True, exist_ok=True)
+            return f"{base}/{shared}"
         return str(create_unique_folder(base, str(stamp)))
     if resume is True or str(resume).lower() == "true":
         latest = latest_run(base)
@@ -64,7 +72,8 @@ def resolve_run_dir(resume: Any, base: str, stamp: str) -> str:
 
 def hydra_output_subdir(force: Any = False, subdir: str = ".hydra") -> str | None:
     """Where Hydra saves a job's config.yaml, hydra.yaml and overrides.yaml (`hydra.output_subdir`): `subdir`,
-    or None (nothing saved) when the job's folder already holds a finished run and force= is off.
+    or None (nothing saved) when the job's folder already holds a finished run and force= is off, and on ranks > 0
+    of a job torchrun or srun started (they share rank 0's folder).
 
     Hydra writes those files before the job starts, so without this a re-run that skips or refuses a finished
     run would overwrite the files that describe how it was made. Hydra reads `hydra.output_subdir` right after
@@ -72,6 +81,8 @@ def hydra_output_subdir(force: Any = False, subdir: str = ".hydra") -> str | Non
     """
     from hydra.core.hydra_config import HydraConfig  # light; Hydra is loaded whenever this resolver runs
 
+    if launch_rank() != 0:  # the other processes of a torchrun/srun job: rank 0 writes the job's files
+        return None
     if not is_resume_off(force) and str(force).lower() != "0":  # force=true replaces the run: its files too
         return subdir
     try:
@@ -302,7 +313,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        if not sweep_dir.is_dir():
+        if not sweep_dir.is_dir() or launch_rank() != 0:  # ranks > 0 of a torchrun/srun job: rank 0 reports
             return
         done, failed = summarize_sweep(sweep_dir, since=self._started)
         print(f"[kdx] sweep finished: {len(done)} job(s) completed, {len(failed)} failed, in {sweep_dir}", flush=True)

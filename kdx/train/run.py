@@ -35,7 +35,8 @@ from kdx.runs import (LAST_CKPT, RESUME_CKPT_ENV, RESUME_KEYS, check_run_dir, de
                       without_resume_keys)
 from kdx.tasks import task_for, validate_config
 from kdx.train.checks import check_batch_size, check_monitor
-from kdx.train.ddp import needs_isolated_ddp, run_ddp_worker
+from kdx.train.ddp import (decided_by_rank_zero, in_cluster_group, join_cluster, needs_isolated_ddp, run_ddp_worker,
+                           tell_ranks_failed)
 from kdx.train.metrics_csv import merge_parts, trim_rows_after
 from kdx.train.trainer import InterruptState, build_trainer
 from kdx.train.wandb_logging import finish_wandb, wandb_info
@@ -114,9 +115,15 @@ def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | No
     """
     run_dir = Path(run_dir).resolve()
     validate_config(cfg)
+    if not _worker:  # a torchrun/srun job: every rank joins its process group before rank 0 decides (kdx.train.ddp)
+        join_cluster(to_dict(cfg.trainer))
     claim = is_global_zero_process() and not _worker  # the isolated DDP worker runs under its parent's claim
     if claim:
-        claim_folder(run_dir)
+        try:
+            claim_folder(run_dir)
+        except BaseException as e:
+            tell_ranks_failed(e)
+            raise
     try:
         return _run_training(cfg, run_dir, overrides, multirun=multirun, _worker=_worker, resume_command=resume_command)
     finally:
@@ -127,18 +134,24 @@ def run_training(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | No
 def _run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, *, multirun: bool, _worker: bool,
                   resume_command: str | None) -> dict[str, Any]:
     owner = is_global_zero_process()
-    if _worker or not owner:  # rank 0 already decided; it passes the checkpoint to resume from in the environment
+    shared = not _worker and in_cluster_group()  # torchrun/srun started every rank: rank 0 decides for all
+    if (_worker or not owner) and not shared:  # rank 0 already decided; it passes the checkpoint in the environment
         resume_ckpt = Path(os.environ[RESUME_CKPT_ENV]) if os.environ.get(RESUME_CKPT_ENV) else None
         action = "resume" if resume_ckpt else "fresh"
     else:
-        removed = clean_stale_temporaries(run_dir)
-        if removed:
-            print(f"[kdx] removed {len(removed)} temporary file(s) a killed run left in {run_dir}", flush=True)
-        action, resume_ckpt, previous = check_run_dir(run_dir, cfg, run_identity, multirun=multirun)
+        def decide() -> tuple[str, Path | None, dict | None]:
+            removed = clean_stale_temporaries(run_dir)
+            if removed:
+                print(f"[kdx] removed {len(removed)} temporary file(s) a killed run left in {run_dir}", flush=True)
+            return check_run_dir(run_dir, cfg, run_identity, multirun=multirun)
+
+        action, resume_ckpt, previous = decided_by_rank_zero(decide if owner else None) if shared else decide()
         if action == "skip":
-            print(f"[kdx] {run_dir} already holds this finished run; skipped (force=true reruns it)", flush=True)
+            if owner:
+                print(f"[kdx] {run_dir} already holds this finished run; skipped (force=true reruns it)", flush=True)
             return previous
-        os.environ[RESUME_CKPT_ENV] = str(resume_ckpt) if resume_ckpt else ""  # inherited by DDP ranks > 0
+        if owner:
+            os.environ[RESUME_CKPT_ENV] = str(resume_ckpt) if resume_ckpt else ""  # inherited by DDP ranks > 0
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     previous = read_results(run_dir) if action == "resume" or _worker else None
