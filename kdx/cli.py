@@ -227,7 +227,7 @@ def _tune(cfg: DictConfig) -> None:
 def _tune_job(cfg: DictConfig) -> None:
     from kdx.configs import to_dict
     from kdx.tune.compose import distill_presets
-    from kdx.tune.settings import parse_settings
+    from kdx.tune.settings import base_overrides, check_storage, parse_settings, storage_url
 
     overrides = _task_overrides()
     try:
@@ -235,6 +235,8 @@ def _tune_job(cfg: DictConfig) -> None:
             raise KdxError("kdx-tune runs its own search; drop -m/--multirun (and sweep=)")
         check_added_keys(cfg, overrides, CONFIG_DIR)
         settings = parse_settings(to_dict(cfg.get("tune")) or {}, to_dict(cfg.get("checkpoint")), distill_presets())
+        base_overrides(overrides)  # the refusals, and the storage, before the training stack is imported
+        check_storage(storage_url(settings, _run_dir().resolve()))
         from kdx.tune.study import run_study  # Optuna and the training stack, once the settings are sound
 
         run_study(cfg, _run_dir(), overrides, settings, search_path=_search_path_overrides(), config_dir=CONFIG_DIR)

@@ -144,6 +144,25 @@ def test_sampled_floats_are_rounded_to_the_value_the_trial_trains_with():
         assert v == float(f"{v:.4g}") and s.low <= v <= s.high
 
 
+def test_pruner_and_sampler_settings_build_what_they_name():
+    import optuna
+
+    from kdx.tune.study import make_pruner, make_sampler
+
+    def built(**changes):
+        settings = parse_settings(tune_section(**changes), CHECKPOINT, PRESETS)
+        return make_pruner(settings), make_sampler(settings, worker=1)
+
+    median, tpe = built(pruner={"name": "median", "min_epochs": 3, "startup_trials": 2})
+    assert isinstance(median, optuna.pruners.MedianPruner) and isinstance(tpe, optuna.samplers.TPESampler)
+    assert median._n_warmup_steps == 3 and median._n_startup_trials == 2  # epochs 1-3 are never cut short
+    asha, _ = built(pruner={"name": "asha", "min_epochs": 2, "reduction_factor": 4})
+    assert isinstance(asha, optuna.pruners.SuccessiveHalvingPruner)
+    assert asha._min_resource == 2 and asha._reduction_factor == 4
+    none, random = built(pruner={"name": "none"}, sampler={"name": "random"})
+    assert isinstance(none, optuna.pruners.NopPruner) and isinstance(random, optuna.samplers.RandomSampler)
+
+
 # ---------------------------------------------------------------------------------------------- the Lightning hook
 def test_trials_reporter_reaches_only_the_trainer_built_during_the_trial():
     import pytorch_lightning as pl
@@ -184,7 +203,7 @@ def test_reporter_reports_each_epoch_and_stops_the_trainer_when_pruned():
     for epoch, value in enumerate([0.5, 0.4]):
         trainer.sanity_checking, trainer.current_epoch, trainer.callback_metrics = False, epoch, {"val/acc1": value}
         reporter.on_validation_end(trainer, None)
-    assert trial.reports == [(0, 0.5), (1, 0.4)]
+    assert trial.reports == [(1, 0.5), (2, 0.4)]  # steps are epochs counted from 1
     assert trainer.should_stop and reporter.pruned_at == 1 and reporter.epochs == 2 and reporter.best() == 0.5
     trainer.callback_metrics = {"val/loss": 1.0}
     with pytest.raises(ConfigError, match="tune.metric val/acc1 is not logged by this run .*val/loss"):

@@ -24,7 +24,8 @@ ENTRY_POINT_VALUE = "kdx.tune.callback:trial_callbacks"
 
 
 class TrialReporter(Callback):
-    """After each epoch's validation: report `metric` to the Optuna trial (step = the epoch, from 0) and, when the
+    """After each epoch's validation: report `metric` to the Optuna trial (step = the epoch, counted from 1, so
+    that a pruner's warm-up or minimum resource of N steps is N epochs) and, when the
     trial's pruner gives up on it, ask the Trainer to stop after this epoch (the run then ends as usual: its best
     checkpoint is tested and results.json written, so a pruned trial's folder is a whole, shorter run)."""
 
@@ -48,7 +49,7 @@ class TrialReporter(Callback):
         self.values.append((epoch, value))
         if not math.isfinite(value):  # kdx.train's FiniteGuard stops the run when this is checkpoint.monitor
             return
-        self.trial.report(value, step=epoch)
+        self.trial.report(value, step=epoch + 1)
         if self.pruned_at is None and self.trial.should_prune():
             self.pruned_at = epoch
             trainer.should_stop = True

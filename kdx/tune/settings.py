@@ -9,8 +9,10 @@ rounded to 4 significant digits, so the value a trial trains with is the one its
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kdx.errors import ConfigError
@@ -22,6 +24,12 @@ SAMPLERS = ("tpe", "random")
 DIRECTIONS = ("maximize", "minimize")
 # settings that may change between invocations of one study (the rest define the study: see TuneSettings.identity)
 RUN_ONLY = ("trials", "jobs", "threads", "timeout", "max_failures")
+STUDY_DB = "study.db"
+# overrides kdx-tune decides itself, refused on its command line
+REFUSED = {"distill": "kdx-tune picks the method of each trial from tune.methods; give tune.methods=[{value}] instead",
+           "resume": "kdx-tune continues a study when the same command runs again; drop resume=",
+           "force": "kdx-tune never reruns a finished trial; drop force= (a new study: hydra.run.dir=DIR)",
+           "sweep": "kdx-tune runs its own search; drop sweep="}
 
 
 def round_value(value: float) -> float:
@@ -372,3 +380,45 @@ def override_value(value: Any) -> str:
     if _PLAIN.fullmatch(text) and text.lower() not in ("true", "false", "null", "none", "inf", "nan"):
         return text
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# --------------------------------------------------------------------------- the command line and the storage
+def override_key(override: str) -> str:
+    """The key of a Hydra override (`+a.b=1` -> a.b)."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def base_overrides(overrides: Sequence[str]) -> list[str]:
+    """The user's kdx-train overrides that every trial gets: all but tune.*; the ones kdx-tune decides are refused."""
+    base = []
+    for o in overrides:
+        key = override_key(o)
+        if key == "tune" or key.startswith("tune."):
+            continue
+        if key in REFUSED:
+            value = o.split("=", 1)[1] if "=" in o else ""
+            raise ConfigError(f"{o}: {REFUSED[key].format(value=value)}")
+        base.append(o)
+    return base
+
+
+def storage_url(settings: TuneSettings, study_dir: Path) -> str:
+    return settings.storage or f"sqlite:///{(study_dir / STUDY_DB).resolve()}"
+
+
+def check_storage(url: str) -> None:
+    """A SQLite storage's folder must take a new file (and an existing database must open for writing)."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url[len("sqlite:///"):]).expanduser()
+    fix = "choose a writable study folder (hydra.run.dir=DIR) or tune.storage=sqlite:///WRITABLE/PATH.db"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".kdx-tune-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as e:
+        raise ConfigError(f"tune.storage: the study database {path} cannot be written ({e.strerror or e}); {fix}") from None

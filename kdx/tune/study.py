@@ -46,19 +46,14 @@ from kdx.train import run_training
 from kdx.tune.callback import TrialReporter, entry_point_installed, reporting
 from kdx.tune.compose import compose_trial, ensure_hydra
 from kdx.tune.report import write_report
-from kdx.tune.settings import Setting, TuneSettings, override_value
+from kdx.tune.settings import (Setting, TuneSettings, base_overrides, check_storage, override_key, override_value,
+                               storage_url)
 
-STUDY_DB = "study.db"
 TRIALS_DIR = "trials"
 CACHE_DIR = "teacher_cache"
 WORKERS_FILE = "workers.json"
 ASK_LOCK = ".tune-ask.lock"
 IDENTITY_ATTR = "kdx_identity"
-# overrides kdx-tune decides itself, refused on its command line
-REFUSED = {"distill": "kdx-tune picks the method of each trial from tune.methods; give tune.methods=[{value}] instead",
-           "resume": "kdx-tune continues a study when the same command runs again; drop resume=",
-           "force": "kdx-tune never reruns a finished trial; drop force= (a new study: hydra.run.dir=DIR)",
-           "sweep": "kdx-tune runs its own search; drop sweep="}
 _MISSING = object()
 
 
@@ -72,24 +67,6 @@ def _first_line(error: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- overrides
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def base_overrides(overrides: Sequence[str]) -> list[str]:
-    """The user's kdx-train overrides that every trial gets: all but tune.*; the ones kdx-tune decides are refused."""
-    base = []
-    for o in overrides:
-        key = _key(o)
-        if key == "tune" or key.startswith("tune."):
-            continue
-        if key in REFUSED:
-            value = o.split("=", 1)[1] if "=" in o else ""
-            raise ConfigError(f"{o}: {REFUSED[key].format(value=value)}")
-        base.append(o)
-    return base
-
-
 def trial_overrides(base: Sequence[str], method: str, params: dict[str, Any], cache_dir: Path | None,
                     extra: Sequence[str] = ()) -> list[str]:
     """A trial's kdx-train overrides: the user's, the method's preset, the sampled settings, the shared cache."""
@@ -100,28 +77,6 @@ def trial_overrides(base: Sequence[str], method: str, params: dict[str, Any], ca
 
 
 # --------------------------------------------------------------------------- storage
-def storage_url(settings: TuneSettings, study_dir: Path) -> str:
-    return settings.storage or f"sqlite:///{(study_dir / STUDY_DB).resolve()}"
-
-
-def check_storage(url: str) -> None:
-    """A SQLite storage's folder must take a new file (and an existing database must open for writing)."""
-    if not url.startswith("sqlite:///"):
-        return
-    path = Path(url[len("sqlite:///"):]).expanduser()
-    fix = "choose a writable study folder (hydra.run.dir=DIR) or tune.storage=sqlite:///WRITABLE/PATH.db"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".kdx-tune-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        if path.exists():
-            with open(path, "r+b"):
-                pass
-    except OSError as e:
-        raise ConfigError(f"tune.storage: the study database {path} cannot be written ({e.strerror or e}); {fix}") from None
-
-
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     kwargs = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
     try:
@@ -147,7 +102,7 @@ def make_sampler(settings: TuneSettings, worker: int = 0) -> optuna.samplers.Bas
 def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
     p = settings.pruner
     if p["name"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p["startup_trials"], n_warmup_steps=p["min_epochs"] - 1)
+        return optuna.pruners.MedianPruner(n_startup_trials=p["startup_trials"], n_warmup_steps=p["min_epochs"])
     if p["name"] == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=p["min_epochs"],
                                                      reduction_factor=p["reduction_factor"])
@@ -207,7 +162,7 @@ def _preflight(settings: TuneSettings, base: list[str], search_path: list[str]) 
     """Compose and validate each method's trial config (its preset values, then every setting at its low and at its
     high end), so a bad key or bound is refused before any training. Returns (the methods that may share the
     teacher cache, each method's baseline: the preset's values of its searched settings, where inside the space)."""
-    fixed = {_key(o) for o in base}
+    fixed = {override_key(o) for o in base}
     for m in settings.methods:
         for s in settings.space[m]:
             if s.path in fixed:
@@ -447,7 +402,7 @@ def run_study(cfg: DictConfig, study_dir: str | Path, overrides: Sequence[str], 
             threads = threads or auto_threads
             if workers is not None and configured is not None and workers != int(configured):
                 extra.append(f"data.num_workers={workers}")
-            if not any(_key(o) == "trainer.progress_bar" for o in base):
+            if not any(override_key(o) == "trainer.progress_bar" for o in base):
                 extra.append("trainer.progress_bar=log")  # one line per epoch: bars of several processes garble
         plan = Plan(study_dir=str(study_dir), storage=url, study_name=name, settings=settings.as_dict(), base=base,
                     search_path=list(search_path), config_dir=config_dir, cached=cached, extra=extra,
