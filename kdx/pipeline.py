@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdx.checkpoints import load_network
 from kdx.configs import build_datamodule, to_dict
+from kdx.distill.settings import split_distill_section
 from kdx.errors import ConfigError, RunExistsError
 from kdx.eval import compare_classifiers, print_table, write_comparison
 from kdx.eval.compare import STAGE_LABELS
@@ -138,7 +139,7 @@ def compare_classification(cfg: DictConfig, run_dir: Path, stages: dict[str, dic
     kd = stage_cfgs.get("kd")
     if kd is not None and kd.task.name == "distill":
         distill = kd.distill
-        extra.update(method=distill.get("method"), alpha=float(distill.get("alpha", 0.9)))
+        extra.update(method=distill.get("method"), alpha=split_distill_section(distill, "classification")[0].alpha)
         if distill.get("temperature") is not None:
             extra["temperature"] = float(distill.temperature)
     paths = write_comparison(rows, run_dir, title, extra)

@@ -653,8 +653,9 @@ def recipe_overrides(method: str, base: list[str], epochs: int) -> tuple[list[st
         overrides.append(f"distill.warmup_epochs={warmup}")
         notes.append(f"warm-up {warmup} ep")
     if method in PAPER_CE_PLUS_LOSS:
-        cfg = compose(base)
-        alpha = float(cfg.distill.alpha)
+        from kdx.distill.settings import split_distill_section
+
+        alpha = split_distill_section(compose(base).distill, "classification")[0].alpha
         if 0.0 < alpha < 1.0:
             keep = 1.0 - alpha
             lr, wd = float(cfg.optim.lr) / keep, float(cfg.optim.get("weight_decay", 0.0)) * keep

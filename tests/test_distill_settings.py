@@ -216,3 +216,22 @@ def test_kdx_train_composes_a_two_line_preset_with_a_teacher_cache_override(tmp_
     distill = OmegaConf.create(done.stdout).distill
     assert distill.method == "kd" and distill.temperature == 2 and distill.teacher_cache.mode == "memory"
     assert set(base_section()) <= set(distill)
+
+
+def test_a_two_line_preset_trains_with_the_task_kinds_alpha_and_records_it(tmp_path, synthetic_teacher):
+    """The module built from a preset that states no alpha uses the task kind's default (0.9 for classification),
+    from the one place it is written, and results.json records that value."""
+    from kdx.configs import build_datamodule
+    from kdx.tasks import validate_config
+    from kdx.train import run_training
+
+    _, extra = _own_conf(tmp_path, "searchpath")
+    cfg = compose_train(["experiment=synthetic/kd", "distill=mine", *extra, f"teacher.ckpt={synthetic_teacher}",
+                         "trainer.max_epochs=1", "trainer.progress_bar=none", "distill.teacher_cache.mode=memory"])
+    task = validate_config(cfg)
+    dm = build_datamodule(cfg.data, task.data_options())
+    dm.setup("fit")
+    module = task.create(dm).module
+    assert module.distill_alpha == ALPHA_DEFAULTS["classification"]
+    results = run_training(cfg, tmp_path / "run")
+    assert results["status"] == "completed" and results["hparams"]["alpha"] == ALPHA_DEFAULTS["classification"]

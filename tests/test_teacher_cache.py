@@ -166,11 +166,12 @@ def test_the_key_changes_with_teacher_data_seed_and_views():
 
 def test_cache_settings_are_checked():
     assert check_cache_config(None)["mode"] == "off" and check_cache_config({"mode": False})["mode"] == "off"
-    with pytest.raises(ConfigError, match="distill.teacher_cache.mode must be off, memory or disk, got 'disc'"):
+    assert check_cache_config("DISK") == {"mode": "disk", "dir": None, "views": None, "topk": None}
+    with pytest.raises(ConfigError, match="distill.teacher_cache.mode must be one of off, memory, disk, got 'disc'"):
         check_cache_config({"mode": "disc"})
-    with pytest.raises(ConfigError, match="distill.teacher_cache.views must be null or an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match="distill.teacher_cache.views must be a whole number >= 1, got 0"):
         check_cache_config({"mode": "memory", "views": 0})
-    with pytest.raises(ConfigError, match="distill.teacher_cache.size is not a setting"):
+    with pytest.raises(ConfigError, match="distill.teacher_cache.size is not a key of distill.teacher_cache"):
         check_cache_config({"size": 3})
 
 

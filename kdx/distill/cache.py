@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdx.errors import ConfigError, KdxError
+from kdx.distill.settings import check_settings
+from kdx.errors import KdxError
 from kdx.io import fsync_dir
 
-MODES = ("off", "memory", "disk")
 EMPTY, VALID, CLAIMED = 0, 1, 2
 CLAIM_TIMEOUT_S = 120.0  # a claim older than this, or by a process that is gone, is taken over
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -51,21 +51,9 @@ class CacheUnavailable(KdxError):
 
 
 def check_cache_config(cfg: Mapping[str, Any] | str | None) -> dict[str, Any]:
-    """The `distill.teacher_cache` section with defaults filled in; bad values are a ConfigError naming the key."""
-    if cfg is None or isinstance(cfg, (str, bool)):
-        cfg = {"mode": "off" if cfg in (None, False) else ("memory" if cfg is True else cfg)}
-    cfg = {"mode": "off", "dir": None, "views": None, "topk": None, **dict(cfg)}
-    unknown = sorted(set(cfg) - {"mode", "dir", "views", "topk"})
-    if unknown:
-        raise ConfigError(f"distill.teacher_cache.{unknown[0]} is not a setting; use mode, dir, views or topk")
-    mode = str(cfg["mode"]).lower() if cfg["mode"] not in (False, None) else "off"
-    if mode not in MODES:
-        raise ConfigError(f"distill.teacher_cache.mode must be off, memory or disk, got {cfg['mode']!r}")
-    for key in ("views", "topk"):
-        value = cfg[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"distill.teacher_cache.{key} must be null or an integer >= 1, got {value!r}")
-    return {**cfg, "mode": mode}
+    """The `distill.teacher_cache` section with defaults filled in (kdx.distill.settings, the one schema and default
+    of each key); bad values are a ConfigError naming the key."""
+    return check_settings({"teacher_cache": cfg}).teacher_cache.as_dict()
 
 
 def default_cache_dir() -> Path:

@@ -9,10 +9,11 @@ from torch import nn
 
 from kdx.data.base import KdxDataModule
 from kdx.distill.base import Distiller, DistillBatch, build_distiller, distiller_class
+from kdx.distill.settings import DEFAULT_WEIGHT, NOT_PARAMETERS
 from kdx.errors import ConfigError
 
-# `distill.*` keys the host reads; every other key of the section is a parameter of `distill.method`
-HOST_KEYS = frozenset({"method", "weight", "alpha", "save_teacher", "mix", "teacher_cache"})
+# `distill.*` keys that are no parameter of `distill.method` (the host's and method/weight/mix); every other is one
+HOST_KEYS = NOT_PARAMETERS
 
 
 def _number(value: Any, key: str) -> float:
@@ -107,7 +108,7 @@ def split_distill_config(cfg: Mapping[str, Any]) -> list[tuple[str, float, dict[
     method = cfg.get("method")
     if method:
         params = {k: v for k, v in cfg.items() if k not in HOST_KEYS}
-        entries.append((str(method), _number(cfg.get("weight", 1.0), "distill.weight"), params, "distill"))
+        entries.append((str(method), _number(cfg.get("weight", DEFAULT_WEIGHT), "distill.weight"), params, "distill"))
     else:
         stray = sorted(k for k in cfg if k not in HOST_KEYS)
         if stray:
@@ -118,7 +119,7 @@ def split_distill_config(cfg: Mapping[str, Any]) -> list[tuple[str, float, dict[
         distiller_class(str(name), key=key)
         if name == method:
             raise ConfigError(f"{key} repeats distill.method={method!r}; set its weight with distill.weight")
-        weight = _number(spec.pop("weight", 1.0), f"{key}.weight")
+        weight = _number(spec.pop("weight", DEFAULT_WEIGHT), f"{key}.weight")
         entries.append((str(name), weight, spec, key))
     return entries
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from kdx.checkpoints import load_embedding_model, load_face_checkpoint
 from kdx.configs import build_datamodule, to_dict
+from kdx.distill.settings import split_distill_section
 from kdx.distill.teachers import build_face_teacher
 from kdx.errors import ConfigError
 from kdx.eval.compare import STAGE_LABELS, print_table, write_comparison
@@ -163,7 +164,7 @@ def compare_face(cfg: DictConfig, run_dir: Path, stages: dict[str, dict], stage_
     if kd is not None:
         distill = to_dict(kd.distill)
         extra.update(distill_method=distill.get("method"), distill_mix=sorted(distill.get("mix") or {}),
-                     alpha=float(distill.get("alpha", 0.5)))
+                     alpha=split_distill_section(distill, "face")[0].alpha)
     columns = face_columns(int(opts.get("throughput_batch", 64)), far_targets)
     paths = write_comparison(rows, run_dir, title, extra, columns=columns, metric="verif_acc",
                              metric_label="verification accuracy")

@@ -16,6 +16,7 @@ from torch import nn
 
 from kdx.data.batch import TrainBatch, as_train_batch
 from kdx.distill import DistillBatch, DistillerSet, LayerTaps, build_distiller_set, weigh_losses
+from kdx.distill.settings import ALPHA_DEFAULTS
 from kdx.distill.source import TeacherSource, classifier_source
 from kdx.errors import ConfigError
 from kdx.lit.classifier import ClassifierModule
@@ -47,7 +48,8 @@ class DistillationMixin:
     _teacher_source: TeacherSource | None = None
     _student_taps: LayerTaps | None = None
 
-    def configure_distillation(self, source: TeacherSource, student: nn.Module, alpha: float = 0.9,
+    def configure_distillation(self, source: TeacherSource, student: nn.Module,
+                               alpha: float = ALPHA_DEFAULTS["classification"],
                                save_teacher: bool = False, student_embedding_input: str | None = None) -> None:
         """Attach the teacher `source` (built, with its distillers bound, before the module) and register its
         distillers; hook the student layers they read (`student_embedding_input`: a module of the student whose
@@ -175,7 +177,8 @@ class DistillationModule(DistillationMixin, ClassifierModule):
     """
 
     def __init__(self, net: nn.Module, teacher: TeacherSource | nn.Module, num_classes: int,
-                 distill: DistillerSet | Mapping[str, Any] | None = None, alpha: float = 0.9,
+                 distill: DistillerSet | Mapping[str, Any] | None = None,
+                 alpha: float = ALPHA_DEFAULTS["classification"],
                  save_teacher: bool = False, example_input: torch.Tensor | None = None,
                  num_samples: int | None = None, **classifier_kwargs: Any) -> None:
         super().__init__(net, num_classes, **classifier_kwargs)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kdx.distill import DistillerSet
+from kdx.distill.settings import ALPHA_DEFAULTS
 from kdx.distill.source import TeacherSource, face_source
 from kdx.distill.teachers import FaceTeacher
 from kdx.data.batch import as_train_batch
@@ -29,7 +30,7 @@ class FaceDistillationModule(DistillationMixin, FaceModule):
     """
 
     def __init__(self, net: nn.Module, teacher: TeacherSource | FaceTeacher, num_classes: int,
-                 distill: DistillerSet | Mapping[str, Any] | None = None, alpha: float = 0.5,
+                 distill: DistillerSet | Mapping[str, Any] | None = None, alpha: float = ALPHA_DEFAULTS["face"],
                  save_teacher: bool = False, shared_identities: bool = False,
                  example_input: torch.Tensor | None = None, num_samples: int | None = None,
                  **face_kwargs: Any) -> None:

@@ -19,11 +19,10 @@ class LayoutMixin:
     compile_networks = False  # set True to torch.compile the networks in place at the start of fit (trainer.compile)
 
     def compiled_networks(self) -> list[nn.Module]:
-        """The torch networks `trainer.compile` compiles: the trained network and a torch teacher (not ONNX)."""
-        teacher = self.__dict__.get("_kdx_teacher") or self._modules.get("teacher")
-        if teacher is not None and hasattr(teacher, "is_onnx"):  # a face teacher: its torch network, or none
-            teacher = None if teacher.is_onnx else teacher.net
-        return [n for n in (getattr(self, "net", None), teacher) if isinstance(n, nn.Module)]
+        """The torch networks `trainer.compile` compiles: the trained network (distillation hosts add their torch
+        teacher, kdx.lit.distill)."""
+        net = getattr(self, "net", None)
+        return [net] if isinstance(net, nn.Module) else []
 
     def on_fit_start(self) -> None:
         if self.channels_last:

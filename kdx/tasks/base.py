@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from kdx.configs import to_dict
 from kdx.data.base import KdxDataModule
 from kdx.data.mixing import check_mix
-from kdx.distill.cache import check_cache_config
+from kdx.distill.settings import DistillSettings, TeacherCacheSettings, split_distill_section
 from kdx.errors import ConfigError
 from kdx.schemas import check_section
 
@@ -76,10 +76,16 @@ class Task:
         built.module.compile_networks = bool(self.cfg.trainer.get("compile", False))
         return built
 
+    def distill_section(self) -> tuple[DistillSettings, dict[str, Any]]:
+        """(the host's settings: alpha, save_teacher, teacher_cache, checked, with alpha's default for this task's
+        kind; the methods' section) of the run's `distill` section (kdx.distill.settings)."""
+        return split_distill_section(self.cfg.get("distill"), self.kind)
+
     def cache_settings(self) -> dict[str, Any]:
         """`distill.teacher_cache` checked, with its defaults; mode off for a task without a teacher."""
-        settings = to_dict(self.cfg.get("distill") or {}).get("teacher_cache") if self.distills else None
-        return check_cache_config(settings)
+        if not self.distills:
+            return TeacherCacheSettings().as_dict()
+        return self.distill_section()[0].teacher_cache.as_dict()
 
     def data_options(self) -> dict[str, Any]:
         """The datamodule arguments this run decides, given to its constructor (kdx.train passes them to

@@ -12,8 +12,6 @@ from kdx.schemas import choice
 from kdx.tasks.base import Built, count_parameters, example_images, register_task
 from kdx.tasks.supervised import ClassifierOptions, SupervisedTask, build_network, model_spec
 
-HOST_KEYS = ("alpha", "save_teacher", "teacher_cache")  # `distill.*` keys the host module reads
-
 
 @dataclass
 class DistillOptions(ClassifierOptions):
@@ -21,12 +19,6 @@ class DistillOptions(ClassifierOptions):
 
     name: str = "distill"
     network: str = choice("student", "teacher", "student")
-
-
-def split_host_keys(distill: dict) -> tuple[dict, dict]:
-    """(the host's keys: alpha, save_teacher, teacher_cache; the methods' section) of a `distill` section."""
-    distill = dict(distill)
-    return {k: distill.pop(k) for k in HOST_KEYS if k in distill}, distill
 
 
 @register_task
@@ -48,17 +40,17 @@ class DistillTask(SupervisedTask):
         return ()
 
     def build(self, dm) -> Built:
-        host, methods = split_host_keys(to_dict(self.cfg.distill))
+        host, methods = self.distill_section()
         distillers = build_distiller_set(methods, task="classification")
         require_sample_indices(dm, distillers)
         net, meta = self.trained_network(dm)
         teacher, _ = build_network(model_spec(self.cfg, "teacher"), dm.num_classes, dm.in_chans)
         example = example_images(dm)
         # the teacher source, built once and completely before the module: network, taps and cache
-        cache = plan_teacher_cache(host.get("teacher_cache"), dm, to_dict(self.cfg.data),
+        cache = plan_teacher_cache(host.teacher_cache.as_dict(), dm, to_dict(self.cfg.data),
                                    self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher))
         source = classifier_source(teacher, distillers, net, example=example, cache=cache)
-        module = DistillationModule(net, source, dm.num_classes, alpha=host.get("alpha", 0.9),
-                                    save_teacher=bool(host.get("save_teacher", False)), example_input=example,
+        module = DistillationModule(net, source, dm.num_classes, alpha=host.alpha,
+                                    save_teacher=host.save_teacher, example_input=example,
                                     num_samples=len(dm.train_set), **self.classifier_kwargs(meta))
         return Built(module, {"network": count_parameters(net), "teacher": count_parameters(teacher)})

@@ -16,7 +16,6 @@ from kdx.lit import FaceDistillationModule
 from kdx.models.onnx_teacher import onnx_parameter_count
 from kdx.schemas import ModelSpec
 from kdx.tasks.base import Built, count_parameters, register_task
-from kdx.tasks.distill import split_host_keys
 from kdx.tasks.face import FaceOptions, FaceTask
 from kdx.tasks.supervised import model_spec
 
@@ -60,7 +59,7 @@ class FaceDistillTask(FaceTask):
 
     def check(self) -> None:
         super().check()
-        alpha = self.cfg.distill.get("alpha", 0.5)
+        alpha = self.distill_section()[0].alpha
         mix = check_mix(self.cfg.data.get("mix"))
         if mix.active and alpha != 1:
             raise ConfigError(f"data.mix.mode={mix.mode} mixes faces, but the margin loss (distill.alpha={alpha} "
@@ -79,7 +78,7 @@ class FaceDistillTask(FaceTask):
 
     def build(self, dm) -> Built:
         net, meta = self.face_network(dm)
-        host, methods = split_host_keys(to_dict(self.cfg.distill))
+        host, methods = self.distill_section()
         distillers = build_distiller_set(methods, task="face")
         require_sample_indices(dm, distillers)
         spec = model_spec(self.cfg, "teacher")
@@ -87,12 +86,12 @@ class FaceDistillTask(FaceTask):
         example = probe_teacher(teacher, dm, spec)
         shared = bool(teacher.class_names) and teacher.class_names == list(getattr(dm, "class_names", []) or [])
         # the teacher source, built once and completely before the module: network, taps and cache
-        cache = plan_teacher_cache(host.get("teacher_cache"), dm, to_dict(self.cfg.data),
+        cache = plan_teacher_cache(host.teacher_cache.as_dict(), dm, to_dict(self.cfg.data),
                                    self.cfg.trainer.get("max_epochs"), teacher_spec=to_dict(self.cfg.teacher),
                                    teacher_file=str(teacher.net.path) if teacher.is_onnx else None)
         source = face_source(teacher, distillers, net, shared_identities=shared, example=example, cache=cache)
         module = FaceDistillationModule(
-            net, source, dm.num_classes, alpha=host.get("alpha", 0.5), save_teacher=bool(host.get("save_teacher", False)),
+            net, source, dm.num_classes, alpha=host.alpha, save_teacher=host.save_teacher,
             example_input=example, num_samples=len(dm.train_set), **self.face_kwargs(meta))
         t_params = onnx_parameter_count(teacher.net.path) if teacher.is_onnx else count_parameters(teacher)
         return Built(module, {"network": count_parameters(net), "teacher": t_params})

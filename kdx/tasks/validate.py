@@ -18,9 +18,8 @@ from omegaconf import DictConfig
 
 from kdx.configs import to_dict
 from kdx.distill import distiller_class, split_distill_config
-from kdx.distill.cache import check_cache_config
+from kdx.distill.settings import split_distill_section
 from kdx.errors import ConfigError
-from kdx.lit.distill import check_alpha
 from kdx.lit.optim import optimizer_class
 from kdx.schemas import (CheckpointOptions, ModelSpec, OptimOptions, RunOptions, TrainerOptions, check_arguments,
                          check_section, check_value, schema_fields)
@@ -78,10 +77,9 @@ def check_data(data: dict[str, Any]) -> None:
             check_value(f"data.{key}", data[key], int, bounds=bounds)
 
 
-def check_distill(distill: dict[str, Any]) -> None:
-    """The host's `distill` keys, and each method's parameters against its constructor."""
-    check_alpha(distill.get("alpha", 0.9))
-    check_cache_config(distill.get("teacher_cache"))
+def check_distill(distill: dict[str, Any], kind: str = "classification") -> None:
+    """The host's `distill` keys (kdx.distill.settings), and each method's parameters against its constructor."""
+    split_distill_section(distill, kind)
     for name, weight, params, key in split_distill_config(distill):
         check_arguments(params, distiller_class(name, key=f"{key}.method" if key == "distill" else key), key,
                         f"distillation method {name!r}")
@@ -103,6 +101,6 @@ def validate_config(cfg: DictConfig) -> Task:
     check_optim(to_dict(cfg.optim) or {})
     check_data(to_dict(cfg.data) or {})
     if task.distills:
-        check_distill(to_dict(cfg.distill) or {})
+        check_distill(to_dict(cfg.distill) or {}, task.kind)
     task.check()
     return task

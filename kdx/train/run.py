@@ -47,9 +47,10 @@ def hparams_summary(cfg: DictConfig) -> dict[str, Any]:
     summary = {"task": cfg.task.name, "network": cfg.task.network, "pair": cfg.get("pair", {}).get("name"),
                "teacher": cfg.teacher.get("name"), "student": cfg.student.get("name"), "seed": cfg.seed,
                "data": cfg.data.get("name")}
-    if task_for(cfg).distills:
+    task = task_for(cfg)
+    if task.distills:
         distill = to_dict(cfg.distill)
-        summary.update(method=distill.get("method"), alpha=float(distill.get("alpha", 0.9)),
+        summary.update(method=distill.get("method"), alpha=task.distill_section()[0].alpha,
                        mix=sorted(distill.get("mix") or {}))
         for key in ("temperature", "beta"):  # the hyper-parameters sweeps vary most, as report columns
             if distill.get(key) is not None:
