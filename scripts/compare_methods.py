@@ -40,16 +40,13 @@ a finished run made with another config is left as it is and its method is repor
     outputs are all it reads (logits or the embedding): the first such run of a seed stores them, the others of
     that seed read them; the metrics are the same with or without it (tested in tests/test_teacher_cache.py);
   * --jobs 2: two runs at a time, one torch thread each (the teacher alone first, with every thread).
-  Estimated wall time on 2 CPU cores with nothing else running, from measured rates (student alone cnn_small
-  ~2,700 img/s, resnet20 teacher training ~550 img/s and forward ~1,800 img/s, both at 2 threads; a warm-cache
-  KD epoch costs what the student alone does, README "Teacher cache"): teacher 18 x 55,000 / 550 = 30 min;
-  per seed at 2 threads (16 x 10,000 = 160,000 images a run): student alone 1 min, 8 cache-reading rows
-  (kd, dkd, dist, mse, bce, lskd, rkd, pkt; 2 of them cold) 11 min, crd (cold embedding store, its 9,999-negative
-  gather) 5 min, consistent (its own store of mixed views) 3 min, 6 layer-reading rows (fitnet, at, nst, vid,
-  reviewkd, sp: the teacher runs every step) 17 min = 37 min; 3 seeds = 111 min at 2 threads, ~78 min as two
-  1-thread jobs (a 1-thread run assumed 1.4x slower than a 2-thread one) -> ~1 h 50 min in all. The first run
-  records the real figures (OUT/<name>.md: s / epoch per row, wall time); if it runs over, --epochs 12 keeps the
-  shape of the comparison.
+  Measured on the 2-core CPU (first run, 2026-12-03; the cores were shared with other work part of the time):
+  teacher 30 min (18 epochs of ~90 s at 2 threads, 93.70% test top-1); per seed, as two 1-thread jobs, s / epoch:
+  student alone 8.4, warm-cache logit rows (kd, dkd, dist, mse, lskd) 9-12, pkt/rkd 11-15, cold-cache rows
+  (the first of a seed, e.g. bce) ~44, layer-reading rows (fitnet, nst, sp, reviewkd, vid, at: the teacher runs
+  every step) 18-36, crd ~145 (its 9,999 negatives per sample gather the whole memory every step) -> ~60 min a
+  seed, ~3 h 30 min for teacher and 3 seeds: over the 2-hour goal, CRD alone being a third of it. --methods
+  without crd, or --epochs 12, keep the rest of the comparison within 2 hours.
 
 --preset faces (--data orl; the face table in docs/results/):
   * the pair sface_mobilefacenet56: the SFace ONNX model (given, never trained) teaches MobileFaceNet-56 on ORL's
