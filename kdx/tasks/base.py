@@ -148,12 +148,21 @@ class Task:
 _TASKS: dict[str, type[Task]] = {}
 
 
-def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: make `cls` the task of `task=<cls.name>`."""
-    if not cls.name or not dataclasses.is_dataclass(getattr(cls, "Options", None)):
-        raise ValueError(f"{cls.__name__} needs a `name` and an `Options` dataclass")
+def register_task(cls: type[Task] | None = None) -> type[Task]:
+    """Class decorator, used bare (`@register_task` on a Task subclass): make `cls` the task of `task=<cls.name>`."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"@register_task takes no arguments and decorates a kdx.tasks.Task subclass (got {cls!r}); "
+                        "write @register_task on the class, with its name in the class attribute `name`")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise TypeError(f"{cls.__name__} has no `name`: add the class attribute name = \"my_task\", the value of "
+                        "task.name (task=<name>) that selects it")
+    options = getattr(cls, "Options", None)
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise TypeError(f"{cls.__name__}.Options must be a @dataclass of its task.* keys (subclass an existing one, "
+                        f"e.g. kdx.tasks.supervised.ClassifierOptions, with name: str = {cls.name!r}); got {options!r}")
     if cls.name in _TASKS and _TASKS[cls.name] is not cls:
-        raise ValueError(f"task name {cls.name!r} is already registered by {_TASKS[cls.name].__name__}")
+        raise ValueError(f"task name {cls.name!r} is already registered by {_TASKS[cls.name].__name__}; give "
+                         f"{cls.__name__} another name")
     _TASKS[cls.name] = cls
     return cls
 
