@@ -23,7 +23,7 @@ from torch import nn
 
 from kdx.errors import CheckpointError, NonFiniteError
 from kdx.io import safe_torch_load
-from kdx.losses.margin import CombinedMarginHead, build_margin_head
+from kdx.models.margin_heads import CombinedMarginHead, build_margin_head
 from kdx.models import build_embedding_model, build_model, builtin_source, strip_prefix
 from kdx.models.custom import split_import_path
 from kdx.models.onnx_teacher import OnnxEmbeddingModel

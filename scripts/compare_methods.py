@@ -491,7 +491,7 @@ def table_rows(rows: list[dict[str, Any]], spec: dict[str, Any] = DATASETS["fmni
 
 
 def render_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    from kdx.report.tables import markdown_table
+    from kdx.report.render import markdown_table
 
     s = settings
     spec = DATASETS[s["data"]]

@@ -90,7 +90,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], teacher: dict[str, Any], settings: dict[str, Any]) -> str:
-    from kdx.report.tables import markdown_table
+    from kdx.report.render import markdown_table
 
     epochs = sorted({r["epochs"] for r in rows})
     table = []

@@ -13,7 +13,7 @@ import torch
 
 from kdx.data.recordio import IRHeader, pack_header, unpack_header
 from kdx.losses.face import embedding_mse_loss
-from kdx.losses.margin import CombinedMarginHead
+from kdx.models.margin_heads import CombinedMarginHead
 from kdx.metrics.verification import tar_at_far, verification_metrics
 
 

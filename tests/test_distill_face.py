@@ -11,9 +11,9 @@ from torch import nn
 from kdx.distill import LayerTaps, available_distillers, build_distiller, build_distiller_set
 from kdx.errors import ConfigError
 from kdx.losses.face import EmbeddingProjector
-from kdx.losses.face_margin import (adadistill_loss, adadistill_update, adadistill_weights, centre_margin_logits,
+from kdx.losses.adadistill import (adadistill_loss, adadistill_update, adadistill_weights, centre_margin_logits,
                                    centre_margin_loss)
-from kdx.losses.margin import normsoftmax
+from kdx.models.margin_heads import normsoftmax
 from kdx.models.embedding import build_embedding_model
 
 FACE_METHODS = ("emb_mse", "emb_cos", "relational", "logit_kd", "adadistill")

@@ -13,8 +13,8 @@ from conftest import run_cli
 from kdx.checkpoints import load_network
 from kdx.errors import CheckpointError
 from kdx.checkpoints import load_embedding_model
-from kdx.export import (ExportCheckError, ExportError, ExportExistsError, export_main, export_network,
-                        sidecar_path)
+from kdx.cli import export_main
+from kdx.export import ExportCheckError, ExportError, ExportExistsError, export_network, sidecar_path
 
 ATOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*is deprecated:FutureWarning")
@@ -218,15 +218,15 @@ def test_failed_export_or_check_never_damages_the_existing_output(synthetic_teac
             export_network(synthetic_teacher, out, overwrite=True)
     assert (out.read_bytes(), sidecar_path(out).read_bytes()) == old and _leftovers(tmp_path) == []
 
-    import kdx.export
+    import kdx.export.checking
 
-    real = kdx.export.run_exported
+    real = kdx.export.checking.run_exported
 
     def drifting(path, fmt, batches):  # an export that computes something else than torch
         return [o + 0.01 for o in real(path, fmt, batches)]
 
     with monkeypatch.context() as m:
-        m.setattr(kdx.export, "run_exported", drifting)
+        m.setattr(kdx.export.checking, "run_exported", drifting)
         with pytest.raises(ExportCheckError) as e:
             export_network(synthetic_teacher, out, overwrite=True)
         assert str(out) in str(e.value) and "differs from torch by 0.01" in str(e.value)

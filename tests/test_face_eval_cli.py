@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from kdx.data.face_formats import write_verification_bin
-from kdx.eval.cli import eval_main, load_embedding_model
+from kdx.checkpoints import load_embedding_model
+from kdx.cli import eval_main
 
 
 class MeanColour(torch.nn.Module):

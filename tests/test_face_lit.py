@@ -12,7 +12,7 @@ from kdx.errors import ConfigError
 from kdx.checkpoints import load_embedding_model
 from kdx.distill.teachers import FaceTeacher, build_face_teacher
 from kdx.lit import FaceDistillationModule, FaceModule
-from kdx.losses.margin import build_margin_head
+from kdx.models.margin_heads import build_margin_head
 from kdx.schemas import ModelSpec
 from kdx.tasks import probe_teacher
 from kdx.models.embedding import build_embedding_model
@@ -265,7 +265,7 @@ def test_onnx_teacher_whose_input_the_data_cannot_meet(face_dm, tmp_path):
 
 def test_face_host_hands_the_labels_to_methods_that_read_them(face_dm):
     """AdaDistill through the face host: the step's loss is the margin loss against the centres it just moved."""
-    from kdx.losses.face_margin import adadistill_update, centre_margin_loss
+    from kdx.losses.adadistill import adadistill_update, centre_margin_loss
 
     teacher = _torch_teacher(16)
     module = FaceDistillationModule(_student(16), teacher, face_dm.num_classes, alpha=1.0, optim=OPTIM,

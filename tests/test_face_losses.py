@@ -6,17 +6,14 @@ import torch
 
 from kdx.errors import ConfigError
 from kdx.losses import (
-    CombinedMarginHead,
     EmbeddingProjector,
-    arcface_head,
     check_embedding_dims,
-    cosface_head,
     embedding_cosine_loss,
     embedding_mse_loss,
     make_projector,
-    normsoftmax,
     relational_kd_loss,
 )
+from kdx.models.margin_heads import CombinedMarginHead, arcface_head, cosface_head, normsoftmax
 
 
 def _head(factory):
@@ -146,7 +143,7 @@ def test_margin_loss_ignores_rows_labelled_minus_one():
 
 
 def test_margin_head_defaults_config_overrides_and_label_bounds():
-    from kdx.losses.margin import build_margin_head
+    from kdx.models.margin_heads import build_margin_head
     h = CombinedMarginHead(4, 3)
     assert (h.s, h.m1, h.m2, h.m3, h.easy_margin) == (64.0, 1.0, 0.5, 0.0, False)  # ArcFace at s = 64
     b = build_margin_head(4, 3)
@@ -158,7 +155,7 @@ def test_margin_head_defaults_config_overrides_and_label_bounds():
 
 
 def test_adadistill_margin_and_scale_bounds_name_the_key():
-    from kdx.losses.face_margin import check_margin
+    from kdx.losses.adadistill import check_margin
     assert check_margin("cosface", 0, 1e-3) == ("cosface", 0.0, 1e-3)  # no margin is allowed
     for margin in (math.pi, -0.01, True, "0.3"):
         with pytest.raises(ConfigError, match=r"^distill.margin must be a number in \[0, pi\), got "):

@@ -99,7 +99,7 @@ def _faces(root: Path) -> Path:
 
 
 def test_kdx_eval_applies_the_exports_normalisation_and_honours_mean_std(tmp_path, capsys):
-    from kdx.eval.cli import eval_main
+    from kdx.cli import eval_main
 
     model = tmp_path / "face.onnx"
     torch.onnx.export(TanhColour(), torch.zeros(1, 3, 8, 8), str(model), dynamo=False, input_names=["images"],

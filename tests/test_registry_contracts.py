@@ -28,7 +28,7 @@ from kdx.distill import Distiller, available_distillers, distiller_class, distil
 from kdx.distill.teachers import FaceTeacher
 from kdx.errors import ConfigError
 from kdx.lit import DistillationModule, FaceDistillationModule
-from kdx.losses.margin import build_margin_head
+from kdx.models.margin_heads import build_margin_head
 from kdx.models import (build_embedding_model, build_model, classifier_path, feature_stages, get_classifier,
                         is_embedding_model, list_models, penultimate_features, register_model, registered_models,
                         reset_classifier)

@@ -301,7 +301,7 @@ def _identity_folder(root: Path) -> Path:
 
 
 def test_a_failed_pack_leaves_the_existing_dataset_untouched(tmp_path: Path, capsys) -> None:
-    from kdx.data.pack import pack_main
+    from kdx.cli import pack_main
 
     faces, out = _identity_folder(tmp_path / "faces"), tmp_path / "packed"
     assert pack_main([str(faces), str(out)]) == 0
@@ -338,7 +338,7 @@ def test_empty_pairs_files_and_bin_files_are_named(tmp_path: Path, capsys) -> No
     import pickle
 
     from kdx.data.face_formats import load_pairs, read_verification_bin
-    from kdx.eval.cli import eval_main
+    from kdx.cli import eval_main
 
     (tmp_path / "pairs.txt").write_text("")
     (tmp_path / "pairs.tsv").write_text("# nothing here\n")
@@ -358,7 +358,7 @@ def test_empty_pairs_files_and_bin_files_are_named(tmp_path: Path, capsys) -> No
 
 
 def test_an_onnx_model_whose_shape_does_not_fit_is_one_sentence_in_kdx_eval(tmp_path: Path, capsys) -> None:
-    from kdx.eval.cli import eval_main
+    from kdx.cli import eval_main
 
     class Flat(torch.nn.Module):
         def __init__(self):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from kdx.cli import report_main
 from kdx.errors import KdxError
-from kdx.report import MARKER, collect_jobs, make_report, report_main
-from kdx.report import tables
+from kdx.report import MARKER, collect_jobs, make_report
+from kdx.report import grids as tables  # cell_grids, best_per_pair
 
 PAIR_A = "fmnist_resnet20_cnn_small"
 PAIR_B = "fmnist_resnet56_cnn_tiny"

@@ -23,7 +23,7 @@ from conftest import compose_train, run_cli
 from kdx.checkpoints import load_network, plain_checkpoint, read_checkpoint
 from kdx.data.face_formats import read_verification_bin, write_verification_bin
 from kdx.errors import CheckpointError, DataError
-from kdx.eval.cli import eval_main
+from kdx.cli import eval_main
 from kdx.models import build_model
 
 
@@ -234,7 +234,7 @@ def test_plain_checkpoint_makes_metadata_plain_and_refuses_code_in_training_stat
 
 # --------------------------------------------------------------------------- reports escape what they did not write
 def test_reports_escape_markdown_html_terminal_and_formulas(tmp_path: Path) -> None:
-    from kdx.report import report_main
+    from kdx.cli import report_main
 
     sweep = tmp_path / "sweep"
     hostile = {
@@ -456,7 +456,7 @@ def test_reports_do_not_autolink_urls_keep_no_escape_bytes_and_quote_semicolon_c
     locales, after which a spreadsheet reads a new cell, possibly a formula)."""
     import re
 
-    from kdx.report import report_main
+    from kdx.cli import report_main
 
     sweep = tmp_path / "sweep"
     overrides = ["distill.temperature=4", "+note=see https://evil.example/x?a=1", "+who=admin@evil.example",

@@ -1,11 +1,10 @@
-"""`kdx-pack FOLDER OUT_DIR`: pack a face folder (one subfolder of images per identity) into InsightFace
-RecordIO (train.rec, train.idx, property), written so that a failed pack leaves an existing dataset as it was."""
+"""Pack a face folder (one subfolder of images per identity) into InsightFace
+RecordIO (train.rec, train.idx, property), written so that a failed pack leaves an existing dataset as it was;
+`kdx-pack FOLDER OUT_DIR` (kdx.cli.pack_main) is the console script."""
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -62,26 +61,3 @@ def pack_identity_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, 
         for path in tmp.values():
             path.unlink(missing_ok=True)
     return {"num_images": num_images, "num_classes": len(identities), "height": h, "width": wdt}
-
-
-def pack_main(argv: list[str] | None = None) -> int:
-    """Console entry `kdx-pack FOLDER OUT_DIR`: pack an identity folder into InsightFace RecordIO."""
-    parser = argparse.ArgumentParser(prog="kdx-pack", description=pack_main.__doc__)
-    parser.add_argument("folder", help="folder with one subfolder of aligned face images per identity")
-    parser.add_argument("out_dir", help="where train.rec, train.idx and property are written")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="resize every image to H W (default: the size of the first image)")
-    args = parser.parse_args(argv)
-    try:
-        info = pack_identity_folder(args.folder, args.out_dir, quality=args.quality, image_size=args.image_size)
-    except DataError as e:
-        print(f"kdx-pack: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a read-only or missing output folder: nothing was replaced
-        print(f"kdx-pack: error: cannot write {args.out_dir} ({e.strerror or e}); nothing in it was changed",
-              file=sys.stderr)
-        return 2
-    print(f"wrote {info['num_images']} images of {info['num_classes']} identities "
-          f"({info['height']}x{info['width']}) to {args.out_dir}")
-    return 0

@@ -10,7 +10,7 @@ from torch import nn
 
 from kdx.checkpoints import load_face_checkpoint
 from kdx.errors import ConfigError
-from kdx.losses.margin import CombinedMarginHead
+from kdx.models.margin_heads import CombinedMarginHead
 from kdx.models import build_embedding_model, fit_input, model_input_size
 from kdx.models.onnx_teacher import OnnxEmbeddingModel, sface_model_path
 

@@ -20,7 +20,8 @@ from kdx.data.batch import as_train_batch, batch_images
 from kdx.lit.layout import LayoutMixin
 from kdx.lit.loss_logging import LossTermsMixin
 from kdx.lit.optim import configure_optimization
-from kdx.losses.margin import build_margin_head, margin_loss
+from kdx.losses.margin import margin_loss
+from kdx.models.margin_heads import build_margin_head
 from kdx.metrics.verification import VerificationMetric
 from kdx.models.embedding import fit_input, model_input_size
 

@@ -26,9 +26,12 @@ from kdx.models import cifar_resnet, small_cnn, wrn  # noqa: E402,F401
 from kdx.models.iresnet import IResNet  # noqa: E402
 from kdx.models.mobilefacenet import MobileFaceNet  # noqa: E402
 from kdx.models.embedding import build_embedding_model, fit_input, model_input_size  # noqa: E402
+from kdx.models.margin_heads import (MARGIN_PRESETS, CombinedMarginHead, arcface_head, build_margin_head,  # noqa: E402
+                                     cosface_head, normsoftmax)
 
 __all__ = [
-    "ClassifierNet", "IResNet", "MobileFaceNet", "adapt_in_chans", "build_embedding_model", "build_model",
+    "ClassifierNet", "CombinedMarginHead", "IResNet", "MARGIN_PRESETS", "MobileFaceNet", "adapt_in_chans",
+    "arcface_head", "build_margin_head", "cosface_head", "normsoftmax", "build_embedding_model", "build_model",
     "builtin_source",
     "capture_inputs", "classifier_path", "feature_stages", "fit_input", "get_classifier", "is_embedding_model",
     "list_models", "load_weights", "model_input_size", "penultimate_features", "read_weights_file",

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 
 from kdx.io import atomic_path
+from kdx.report.cells import fmt
 from kdx.report.collect import JobRecord
-from kdx.report.tables import Grid, fmt
+from kdx.report.grids import Grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_TAG = "kdx-report"  # stored in each PNG's metadata so a rerun knows the file is its own

@@ -1,7 +1,7 @@
 """Boutros et al. 2024, "AdaDistill: Adaptive Knowledge Distillation for Deep Face Recognition" (ECCV).
 
 The student is trained with an ArcFace/CosFace softmax whose class centres are an adaptive moving average of
-the teacher's normalised embeddings per identity (see kdx.losses.face_margin). With distill.alpha=1 it
+the teacher's normalised embeddings per identity (see kdx.losses.adadistill). With distill.alpha=1 it
 replaces the student's own margin loss, as in the paper.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 from kdx.distill.base import Distiller, register_distiller
 from kdx.distill.methods.emb_mse import embedding_projector
 from kdx.errors import ConfigError
-from kdx.losses.face_margin import adadistill_update, centre_margin_loss, check_margin
+from kdx.losses.adadistill import adadistill_update, centre_margin_loss, check_margin
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
