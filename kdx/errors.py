@@ -2,8 +2,22 @@
 from __future__ import annotations
 
 
+def worker_sentence(message: str) -> str:
+    """The sentence of an error raised in a DataLoader worker process. torch re-raises it in the main process as
+    the same type built from its whole report ("Caught DataError in DataLoader worker process 0.\nOriginal
+    Traceback ...\nkdx.errors.DataError: <sentence>"); that report ends with the sentence, which is all a user needs."""
+    if not (message.startswith("Caught ") and "\nOriginal Traceback" in message):
+        return message
+    last = message.rstrip().splitlines()[-1]
+    name, sep, sentence = last.partition(": ")
+    return sentence if sep and " " not in name else last
+
+
 class KdxError(Exception):
     """Base class of every user-facing kdx error."""
+
+    def __str__(self) -> str:  # the one sentence, also when a DataLoader worker raised it
+        return worker_sentence(super().__str__())
 
 
 class ConfigError(KdxError, ValueError):
@@ -22,7 +36,7 @@ class ModelNotFoundError(KdxError, KeyError):
     """A model name is not known to any registry."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep the sentence readable
-        return str(self.args[0]) if self.args else ""
+        return worker_sentence(str(self.args[0])) if self.args else ""
 
 
 class RunExistsError(KdxError, FileExistsError):

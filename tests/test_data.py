@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
 from image_files import class_image, write_class_folder, write_split_folders
 from kdx.data import FashionMNISTDataModule, ImageFolderDataModule, SyntheticDataModule
 from kdx.data.fashion_mnist import locate_fashion_mnist, read_idx
@@ -97,7 +98,8 @@ def test_truncated_image_is_skipped_and_counted_when_configured(tmp_path):
         warnings.simplefilter("always")
         dm.setup()
     assert len(dm.skipped) == 2
-    assert any("skipped 2 unreadable" in str(w.message) for w in caught)
+    skips = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert len(skips) == 1 and skips[0].startswith("skipped 2 unreadable")  # once, not once per split
     total = len(dm.train_set) + len(dm.val_set) + len(dm.test_set)
     assert total == 11 and all(dm.train_set[i][0].shape == (3, 8, 8) for i in range(len(dm.train_set)))
 
@@ -150,3 +152,34 @@ def test_synthetic_data_is_reproducible_and_balanced():
     assert torch.equal(a.train_set.images, b.train_set.images)
     assert Counter(a.train_set.labels.tolist()) == {0: 128, 1: 128, 2: 128, 3: 128}
     assert not torch.equal(a.train_set.images[:128], a.val_set.images)
+
+
+@pytest.mark.slow
+def test_a_truncated_image_read_by_loader_workers_is_one_sentence(tmp_path):
+    """kdx-train on a folder with a truncated image, read by 2 DataLoader worker processes: the error is the one
+    sentence naming the file and the fix, not torch's report of the worker's traceback."""
+    data = tmp_path / "data"
+    write_class_folder(data, num_classes=2, per_class=8)
+    for bad in sorted((data / "class_1").iterdir()):  # every image of a class: the training split has some of them
+        _truncate(bad)
+    bad = data / "class_1"
+    out = run_cli("kdx-train", "experiment=folder/student", "pair=synthetic_tiny", f"data.root={data}", "data.num_workers=2",
+                  "data.image_size=16", "data.val_split=0.25", "data.test_split=0.25", "data.batch_size=4",
+                  "trainer.max_epochs=1", "trainer.progress_bar=none", f"hydra.run.dir={tmp_path / 'run'}",
+                  cwd=tmp_path, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr and "worker process" not in out.stderr, out.stderr
+    assert lines[0].startswith("kdx: error: ") and str(bad) in lines[0] and "data.bad_images=skip" in lines[0]
+
+
+def test_a_workers_report_is_reduced_to_its_sentence():
+    from kdx.errors import DataError, ModelNotFoundError, worker_sentence
+
+    report = ("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+              '  File "x.py", line 3, in f\n    raise DataError("...")\n'
+              "kdx.errors.DataError: cannot read image /d/a.jpg: truncated; replace or delete the file\n")
+    assert str(DataError(report)) == "cannot read image /d/a.jpg: truncated; replace or delete the file"
+    assert str(ModelNotFoundError(report)) == "cannot read image /d/a.jpg: truncated; replace or delete the file"
+    assert worker_sentence("a plain sentence: with a colon") == "a plain sentence: with a colon"
+    assert str(DataError("data folder /x does not exist")) == "data folder /x does not exist"

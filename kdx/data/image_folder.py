@@ -92,8 +92,6 @@ class ImageFolderDataModule(KdxDataModule):
                 kept.append((path, label))
             except DataError:
                 self.skipped.append(path)
-        if self.skipped:
-            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) under {self.root}, e.g. {self.skipped[0]}")
         return kept
 
     @staticmethod
@@ -132,6 +130,8 @@ class ImageFolderDataModule(KdxDataModule):
             train, val, test = stratified_split(everything, [train_frac, self.val_split, self.test_split], self.seed)
         train, val = self._drop_unreadable(train), self._drop_unreadable(val)
         test = self._drop_unreadable(test) if test else None
+        if self.skipped:  # one warning for the three splits
+            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) under {self.root}, e.g. {self.skipped[0]}")
         tf = lambda is_train: build_transforms(self.image_size, self.in_chans, is_train, self.augment,  # noqa: E731
                                                self.mean, self.std)
         self.train_set = ImageListDataset(train, tf(True), self.in_chans)
