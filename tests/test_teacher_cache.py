@@ -13,8 +13,8 @@ import torch
 from kdx.data import SyntheticDataModule
 from kdx.data.tensor_images import TensorImageDataset
 from kdx.data.views import SeededViewDataset, ViewSampler, view_of
-from kdx.distill.cache import (CLAIMED, CacheUnavailable, TeacherCache, _compress, _expand, cache_key, check_cache_config,
-                               teacher_fingerprint)
+from kdx.distill.cache import (TAG_BYTES, CacheUnavailable, TeacherCache, _compress, _expand, cache_key,
+                               check_cache_config, teacher_fingerprint)
 from kdx.errors import ConfigError
 from kdx.models import build_model
 
@@ -93,9 +93,9 @@ def test_a_damaged_entry_is_recomputed_never_served(tmp_path):
     x, i, v = _batch([0, 1, 2], [0, 0, 0])
     cache = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
     good = cache(x, i, v, teacher)["logits"]
-    path = tmp_path / "k" / "out-logits.bin"
-    raw = bytearray(path.read_bytes())  # a torn or flipped write in entry 1: the checksum no longer matches
-    raw[cache.data["logits"].row_bytes + 2] ^= 0x40
+    path = tmp_path / "k" / "records.bin"
+    raw = bytearray(path.read_bytes())  # a torn or flipped write in entry 1: its tag no longer matches
+    raw[cache.record_bytes + TAG_BYTES + 2] ^= 0x40
     path.write_bytes(bytes(raw))
     reopened = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
     before = teacher.rows
@@ -108,11 +108,11 @@ def test_an_abandoned_claim_is_taken_over(tmp_path):
     teacher = CountingTeacher()
     cache = TeacherCache("k", 3, 1, {"logits": 5}, mode="disk", root=tmp_path)
     gone = 2 ** 22 + 12345  # no such process
-    cache.owner.put(0, (gone << 32) | 0)
-    cache.state.put(0, CLAIMED)
+    cache._claim_path(0).write_bytes(cache._stamp(pid=gone))
     x, i, v = _batch([0], [0])
     cache(x, i, v, teacher)
-    assert teacher.rows == 1 and cache.state[0] == 1
+    assert teacher.rows == 1 and not cache._claim_path(0).exists()
+    assert bool(cache._read([0])[0][0])  # the record was written by the process that took the claim over
 
 
 def _job(root, order, out):
@@ -370,9 +370,10 @@ def test_a_claim_of_a_killed_process_not_yet_reaped_is_taken_over_at_once(tmp_pa
         while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
             time.sleep(0.01)
         cache = TeacherCache("k", 2, 1, {"logits": 5}, mode="disk", root=tmp_path)
-        cache.owner.put(0, (pid << 32) | int(time.time() % 2 ** 32))
-        cache.state.put(0, CLAIMED)
-        assert cache._claim_is_stale(0)  # the zombie answers os.kill(pid, 0), yet it will never write
+        cache._claim_path(0).write_bytes(cache._stamp(pid=pid))
+        assert cache._claim_is_stale(cache._claim_path(0))  # the zombie answers os.kill(pid, 0), yet it will never write
+        cache._claim_path(1).write_bytes(cache._stamp(pid=os.getppid()))
+        assert not cache._claim_is_stale(cache._claim_path(1))  # a live process of this node: waited for
     finally:
         os.waitpid(pid, 0)
 

@@ -9,29 +9,51 @@ key hashes all of them, and a change to any of them opens another store.
 Stores hold float16 rows with a power-of-two scale per row (so a row keeps float16's relative precision at
 any magnitude: a finite teacher output beyond float16's +-65504 stays finite), or, with `topk`, float32 rows of
 the k largest log-probabilities and their classes, the rest of the probability mass spread evenly. `memory`
-keeps them in the process; `disk` in files under `dir`, shared by parallel jobs: a file lock guards the
-per-entry state (empty, claimed, valid), a job computes only entries nobody else has claimed, and every entry
-carries a CRC32 checked on each read, so a torn or damaged entry is recomputed, never served.
+keeps them in the process; `disk` in files under `dir`, shared by parallel jobs, on one machine or on several
+nodes of a cluster whose shared filesystem ignores file locks (NFS without lockd, FUSE and object-store mounts).
+
+The disk store takes no lock at all; its correctness rests on three things every such filesystem honours:
+- **Self-checking records.** Each entry is one record in `records.bin`: a 16-byte keyed BLAKE2b tag, then the
+  entry's rows of every output. The tag is keyed by the store's key and its generation (a random name chosen
+  when the store's meta.json is published) and covers the entry's (index, view) and its rows, and a reader
+  serves exactly the bytes it checked, never a second read. A record that is empty (a hole of the sparse file),
+  torn (a writer killed mid-write, a write seen half-done by a reader, two writers' bytes interleaved), moved to
+  another entry, or left by another store or an older generation fails its tag (a 2**-128 chance of passing), and
+  the reader computes the teacher itself. Writers may race on one entry: each writes a whole record of the
+  same teacher output, so whichever bytes a reader gets either pass as a complete row or are recomputed.
+- **Exclusive creates for claims.** A job about to compute an entry creates `claims/<entry>` with O_CREAT|O_EXCL
+  (exclusive on local filesystems and NFSv3+), holding its node, process and time; others wait for the record
+  instead of computing it too. The claim is removed once the record is written. A claim by a process that is
+  gone (same node), or older than CLAIM_TIMEOUT_S (any node), is taken over by renaming it away first, so only
+  one of the processes that found it stale wins it. Claims only save work: if a filesystem lets two jobs claim
+  one entry, both compute it and both write a whole record, and the tags keep every read correct.
+- **Atomic publication of the store.** meta.json is written to a unique temporary file, fsynced, then hard-linked
+  to its name, which fails if another process published first (where hard links are not supported it is renamed
+  into place, and the last writer's meta wins); every creator then reads the one published meta.json and uses
+  its generation and view count. A damaged meta.json is replaced (one warning) by one with a new generation, so
+  no record of the old one is served, and no file is ever deleted, truncated or shrunk under another process
+  (files only grow, by ftruncate to the size a store needs).
 
 Disk stores are sparse files read with `os.pread` and written with `os.pwrite`, never through a memory
 mapping: when the filesystem is full, a page fault in a mapping of a sparse file is a SIGBUS that kills the
 process (on tmpfs even a read of a hole allocates a page), while pwrite raises ENOSPC, which stops the
 storing (one warning) and lets the run go on computing the teacher.
-A damaged or empty `meta.json` is rebuilt with one warning; meta.json is fsynced before it is renamed.
+Stores written before records.bin (state.bin, crc.bin, owner.bin, out-*.bin under the same key) keep their
+meta.json and are refilled once into records.bin; their old files are not read and may be deleted.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
+import socket
+import struct
 import time
+import uuid
 import warnings
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -41,9 +63,24 @@ from kdx.distill.settings import check_settings
 from kdx.errors import KdxError
 from kdx.io import fsync_dir
 
-EMPTY, VALID, CLAIMED = 0, 1, 2
-CLAIM_TIMEOUT_S = 120.0  # a claim older than this, or by a process that is gone, is taken over
+CLAIM_TIMEOUT_S = 120.0  # a claim older than this (any node), or by a process that is gone (this node), is taken over
+TAG_BYTES = 16  # the keyed BLAKE2b tag in front of each record
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+RECORDS_FILE = "records.bin"
+CLAIMS_DIR = "claims"
+
+
+def _node_name() -> str:
+    """This machine, as claims name it: the host name and the kernel's boot id (process ids mean something only
+    on the node, and boot, that issued them)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{socket.gethostname()}/{boot}".encode()).hexdigest()[:16]
+
+
+NODE = _node_name()
 
 
 class CacheUnavailable(KdxError):
@@ -126,13 +163,6 @@ def decode_rows(stored: np.ndarray) -> np.ndarray:
     return np.ldexp(stored[:, :-1].astype(np.float32), stored[:, -1].astype(np.int32)[:, None]).astype(np.float32)
 
 
-def _crc_of(rows: Iterable[np.ndarray]) -> int:
-    """CRC32 of one entry: its rows (one per stored output, in column order) back to back."""
-    c = 0
-    for row in rows:
-        c = zlib.crc32(np.ascontiguousarray(row).tobytes(), c)
-    return c & 0xFFFFFFFF
-
 
 class _Column:
     """One array of a store, indexed by entry: in memory a numpy array; on disk a sparse file read with
@@ -188,15 +218,36 @@ class _Column:
             self.fd = None
 
 
-def _write_meta(meta_path: Path, description: Mapping[str, Any]) -> None:
-    """meta.json written to a temporary name, fsynced, then renamed into place (and the folder fsynced)."""
-    tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
+
+def _meta_temp(meta_path: Path, description: Mapping[str, Any]) -> Path:
+    """meta.json's content in a temporary file of this process's own (fsynced), ready to be published."""
+    tmp = meta_path.with_name(f".meta.{NODE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(description, indent=1, sort_keys=True, default=str))
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(meta_path)
-    fsync_dir(meta_path.parent)
+    return tmp
+
+
+def _publish_meta(meta_path: Path, description: Mapping[str, Any], replace: bool = False) -> None:
+    """Publish meta.json whole: hard-linked into place, which fails if another process published first (then
+    theirs stands), or with `replace` (a damaged one) or where hard links are not supported, renamed over it."""
+    tmp = _meta_temp(meta_path, description)
+    try:
+        if not replace:
+            try:
+                os.link(tmp, meta_path)
+                return
+            except FileExistsError:
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK,
+                                   errno.EXDEV):
+                    raise
+        os.replace(tmp, meta_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        fsync_dir(meta_path.parent)
 
 
 def _read_meta(meta_path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -216,6 +267,7 @@ def _read_meta(meta_path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return found, None
 
 
+
 class TeacherCache:
     """Teacher outputs by (sample index, view); `cache(x, indices, views, compute)` serves hits, computes misses."""
 
@@ -228,76 +280,91 @@ class TeacherCache:
         # overflows below -65504); full rows: float16 plus one column for the row's power-of-two scale
         self.cols = {n: (2 * self.topk[n] + 1 if n in self.topk else w + 1) for n, w in self.outputs.items()}
         self.dtypes = {n: np.dtype(np.float32 if n in self.topk else np.float16) for n in self.outputs}
+        self.row_bytes = {n: self.cols[n] * self.dtypes[n].itemsize for n in self.cols}
+        self.record_bytes = TAG_BYTES + sum(self.row_bytes.values())
         self.mode = mode
         self.hits = self.misses = 0
         self.writable = True
-        n = self.num_samples * self.num_views
+        self.claims: Path | None = None
         if mode == "memory":
             self.dir = None
-            self.state = _Column(np.zeros(n, np.uint8))
-            self.crc = _Column(np.zeros(n, np.uint32))
-            self.owner = _Column(np.zeros(n, np.int64))
-            self.data = {name: _Column(np.zeros((n, c), self.dtypes[name])) for name, c in self.cols.items()}
+            self.generation = ""
+            self.records = _Column(np.zeros((self.num_samples * self.num_views, self.record_bytes), np.uint8))
+            self._keyed()
             return
         self.dir = Path(root or default_cache_dir()) / key
         description = {"key": key, "num_samples": self.num_samples, "num_views": self.num_views,
                        "outputs": self.outputs, "topk": topk, **dict(meta or {})}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            with self._locked():
-                meta_path = self.dir / "meta.json"
-                found, damage = _read_meta(meta_path) if meta_path.is_file() else (None, None)
-                if damage:  # a crash or a full disk left it so: its rows cannot be trusted to be this store's
-                    warnings.warn(f"teacher cache {meta_path} cannot be read ({damage}); the store is rebuilt")
-                    for old in self.dir.glob("*.bin"):
-                        old.unlink()
-                if found is not None and found.get("num_views", 0) > self.num_views and all(
-                        found.get(k) == description[k] for k in ("key", "num_samples", "outputs")):
-                    # a longer run of the same key built it: its first views are this run's (a view is a
-                    # function of (seed, view, index)), so a shorter schedule reads the same store
-                    self.num_views = int(found["num_views"])
-                    description["num_views"] = self.num_views
-                    n = self.num_samples * self.num_views
-                if found is not None:
-                    if any(found.get(k) != description[k] for k in ("key", "num_samples", "num_views", "outputs")):
-                        raise CacheUnavailable(f"teacher cache {self.dir} was built for another teacher or data "
-                                               f"({found.get('num_samples')} samples x {found.get('num_views')} "
-                                               "views); delete it or set distill.teacher_cache.dir elsewhere")
-                else:
-                    _write_meta(meta_path, description)
-                self.state = self._open("state", np.uint8, (n,))
-                self.crc = self._open("crc", np.uint32, (n,))
-                self.owner = self._open("owner", np.int64, (n,))
-                self.data = {name: self._open(f"out-{name}", self.dtypes[name], (n, c)) for name, c in self.cols.items()}
+            found = self._agree_on_meta(description)
+            if found.get("num_views", 0) > self.num_views and all(
+                    found.get(k) == description[k] for k in ("key", "num_samples", "outputs")):
+                # a longer run of the same key built it: its first views are this run's (a view is a
+                # function of (seed, view, index)), so a shorter schedule reads the same store
+                self.num_views = description["num_views"] = int(found["num_views"])
+            if any(found.get(k) != description[k] for k in ("key", "num_samples", "num_views", "outputs")):
+                raise CacheUnavailable(f"teacher cache {self.dir} was built for another teacher or data "
+                                       f"({found.get('num_samples')} samples x {found.get('num_views')} "
+                                       "views); delete it or set distill.teacher_cache.dir elsewhere")
+            # stores published before generations existed have none: their records are keyed by the key alone
+            self.generation = str(found.get("generation", ""))
+            self._keyed()
+            self.claims = self.dir / CLAIMS_DIR
+            self.claims.mkdir(exist_ok=True)
+            self.records = self._open(RECORDS_FILE, self.num_samples * self.num_views)
         except OSError as e:
             raise CacheUnavailable(f"teacher cache folder {self.dir} cannot be written ({e.strerror or e}); set "
                                    "distill.teacher_cache.dir to a writable folder or distill.teacher_cache.mode=memory"
                                    ) from None
 
-    # ------------------------------------------------------------------ files
-    def _open(self, name: str, dtype, shape: tuple[int, ...]) -> _Column:
-        """The store file `name`.bin (sparse: no disk space is used until entries are written), open for
-        pread/pwrite. A file of the wrong size is replaced by a new one, never truncated in place under another
-        process."""
-        path = self.dir / f"{name}.bin"
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if path.exists() and path.stat().st_size != size:
-            path.unlink()
+    # ------------------------------------------------------------------ the store's files
+    def _agree_on_meta(self, description: dict[str, Any]) -> dict[str, Any]:
+        """The one published meta.json of this store, publishing ours (with a new generation) if there is none
+        and replacing a damaged one (one warning); concurrent creators all end up reading the same file."""
+        meta_path = self.dir / "meta.json"
+        warned = False
+        for _ in range(5):
+            try:
+                found, damage = _read_meta(meta_path)
+            except FileNotFoundError:
+                _publish_meta(meta_path, {**description, "generation": uuid.uuid4().hex})
+                continue
+            if found is not None:
+                return found
+            # a full disk or an outside hand left it so: a new generation, so none of its records is served
+            if not warned:
+                warnings.warn(f"teacher cache {meta_path} cannot be read ({damage}); the store is rebuilt")
+                warned = True
+            _publish_meta(meta_path, {**description, "generation": uuid.uuid4().hex}, replace=True)
+        raise CacheUnavailable(f"teacher cache {meta_path} keeps changing or cannot be read; delete the folder "
+                               f"{self.dir} or set distill.teacher_cache.dir elsewhere")
+
+    def _keyed(self) -> None:
+        """The tag hasher of this store and generation (copied for each record)."""
+        secret = hashlib.sha256(f"{self.key}/{self.generation}".encode()).digest()
+        self._hasher = hashlib.blake2b(key=secret, digest_size=TAG_BYTES)
+
+    def _open(self, name: str, entries: int) -> _Column:
+        """The store file `name` (sparse: no disk space is used until records are written), open for pread/pwrite.
+        A file shorter than this store needs is grown; nothing is ever truncated or replaced under another process
+        (a record beyond a file's end reads as empty)."""
+        path = self.dir / name
+        size = entries * self.record_bytes
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if os.fstat(fd).st_size != size:
+            if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)
-            return _Column(fd=fd, dtype=dtype, shape=shape)
+            return _Column(fd=fd, dtype=np.uint8, shape=(entries, self.record_bytes))
         except BaseException:
             os.close(fd)
             raise
 
     def close(self) -> None:
         """Close the store's files (the process keeps no descriptor of a store it no longer uses)."""
-        for column in (getattr(self, "state", None), getattr(self, "crc", None), getattr(self, "owner", None),
-                       *getattr(self, "data", {}).values()):
-            if isinstance(column, _Column):
-                column.close()
+        column = getattr(self, "records", None)
+        if isinstance(column, _Column):
+            column.close()
 
     def __del__(self) -> None:
         try:
@@ -313,25 +380,77 @@ class TeacherCache:
         reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
         warnings.warn(f"teacher cache {self.dir}: {reason}; the teacher is computed from now on without storing")
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        if self.dir is None:
-            yield
-            return
-        with open(self.dir / "lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    # ------------------------------------------------------------------ records
+    def _tags(self, positions: list[int], payload: np.ndarray) -> np.ndarray:
+        """The keyed tag of each record: BLAKE2b over its (index, view) and its rows."""
+        tags = np.empty((len(positions), TAG_BYTES), np.uint8)
+        for k, pos in enumerate(positions):
+            h = self._hasher.copy()
+            h.update(struct.pack("<qq", pos // self.num_views, pos % self.num_views))
+            h.update(payload[k])
+            tags[k] = np.frombuffer(h.digest(), np.uint8)
+        return tags
 
-    # ------------------------------------------------------------------ entries
-    def _claim_is_stale(self, pos: int) -> bool:
-        owner = int(self.owner[pos])
-        pid, started = owner >> 32, owner & 0xFFFFFFFF
-        if pid == os.getpid():
+    def _read(self, positions: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(which records pass their tag, each output's stored rows) of `positions`: one read of each run of
+        consecutive records; the rows returned are the very bytes that were checked."""
+        records = np.ascontiguousarray(self.records[np.asarray(positions, np.int64)]).reshape(len(positions), -1)
+        payload = np.ascontiguousarray(records[:, TAG_BYTES:])
+        ok = (records[:, :TAG_BYTES] == self._tags(positions, payload)).all(axis=1)
+        rows, offset = {}, 0
+        for name, width in self.row_bytes.items():
+            rows[name] = np.ascontiguousarray(payload[:, offset:offset + width]).view(self.dtypes[name])
+            offset += width
+        return ok, rows
+
+    def _store(self, positions: list[int], packed: Mapping[str, np.ndarray]) -> list[int]:
+        """Write each entry as one whole record (tag and rows, one pwrite), releasing its claim (if any) as soon as
+        it is written; stop storing on a full disk. The positions written."""
+        if not self.writable or not positions:
+            return []
+        payload = np.concatenate([np.ascontiguousarray(packed[n], self.dtypes[n]).reshape(len(positions), -1)
+                                  .view(np.uint8) for n in self.cols], axis=1)
+        records = np.concatenate([self._tags(positions, payload), payload], axis=1)
+        written = []
+        try:
+            for k, pos in enumerate(positions):
+                self.records.put(pos, records[k])
+                written.append(pos)
+                if self.claims is not None:
+                    self._release([pos])
+        except OSError as e:  # a full disk: keep training, stop storing
+            self._stop_storing(e)
+        return written
+
+    # ------------------------------------------------------------------ claims (disk stores only)
+    def _claim_path(self, pos: int) -> Path:
+        return self.claims / str(pos)
+
+    @staticmethod
+    def _stamp(pid: int | None = None, node: str | None = None, at: float | None = None) -> bytes:
+        """A claim's content: node, process id and time."""
+        return f"{node or NODE} {os.getpid() if pid is None else pid} {time.time() if at is None else at:.3f}\n".encode()
+
+    def _claim_is_stale(self, path: Path) -> bool:
+        """Whether the claim at `path` will never be followed by its record: gone, older than CLAIM_TIMEOUT_S,
+        by this process, or by a process of this node that no longer runs."""
+        try:
+            text = path.read_text()
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
             return True
-        if time.time() % 2 ** 32 - started > CLAIM_TIMEOUT_S:
+        except (OSError, UnicodeDecodeError):
+            return False
+        try:
+            node, pid_text, at_text = text.split()
+            pid, at = int(pid_text), float(at_text)
+        except ValueError:  # written by a process killed between creating it and filling it
+            return time.time() - mtime > 5.0
+        if abs(time.time() - at) > CLAIM_TIMEOUT_S:
+            return True
+        if node != NODE:  # another machine: only its age says anything
+            return False
+        if pid == os.getpid():
             return True
         try:
             os.kill(pid, 0)
@@ -345,57 +464,66 @@ class TeacherCache:
         except (OSError, ValueError):
             return False
 
-    def _triage(self, positions: list[int]) -> tuple[list[int], list[int], list[int]]:
-        """Split positions into (valid, to compute now, claimed by another live process); claim the second.
-
-        States, checksums and rows are read with one gather per array (one pread per run of consecutive entries).
-        """
-        unique = list(dict.fromkeys(positions))
-        valid, todo, wait = [], [], []
-        if not unique:
-            return valid, todo, wait
-        at = np.asarray(unique, dtype=np.int64)
-        stamp = (os.getpid() << 32) | int(time.time() % 2 ** 32)
-        with self._locked():
-            states, stored_crc = np.asarray(self.state[at]), np.asarray(self.crc[at])
-            rows = [np.asarray(self.data[name][at]) for name in self.cols]
-            for k, pos in enumerate(unique):
-                state = int(states[k])
-                if state == VALID and int(stored_crc[k]) == _crc_of(row[k] for row in rows):
-                    valid.append(pos)
-                elif state == CLAIMED and not self._claim_is_stale(pos):
-                    wait.append(pos)
-                else:  # empty, damaged (checksum) or abandoned: ours to compute
-                    if self.writable:
-                        try:
-                            self.owner.put(pos, stamp)
-                            self.state.put(pos, CLAIMED)
-                        except OSError as e:
-                            self._stop_storing(e)
-                    todo.append(pos)
-        return valid, todo, wait
-
-    def _write(self, positions: list[int], rows: dict[str, np.ndarray]) -> None:
-        if not self.writable:
-            return
-        try:
-            for i, pos in enumerate(positions):
-                entry = [np.ascontiguousarray(rows[name][i], self.dtypes[name]) for name in self.cols]
-                for name, row in zip(self.cols, entry):
-                    self.data[name].put(pos, row)
-                self.crc.put(pos, _crc_of(entry))
-            with self._locked():
-                for pos in positions:
-                    self.owner.put(pos, 0)
-                    self.state.put(pos, VALID)
-        except OSError as e:  # a full disk: keep training, stop storing
-            self._stop_storing(e)
+    def _claim(self, pos: int) -> bool:
+        """Create the claim of `pos` exclusively (True), taking over a stale one; False while another holds it."""
+        path = self._claim_path(pos)
+        for _ in range(3):
             try:
-                with self._locked():
-                    for pos in positions:
-                        self.state.put(pos, EMPTY)
-            except OSError:  # claims of a process that stopped storing are taken over like abandoned ones
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not self._claim_is_stale(path):
+                    return False
+                # only one of the processes that found it stale wins its rename; the others try again
+                aside = path.with_name(f".{path.name}.{NODE}.{os.getpid()}.stale")
+                try:
+                    os.rename(path, aside)
+                    os.unlink(aside)
+                except FileNotFoundError:
+                    pass
+                continue
+            try:
+                os.write(fd, self._stamp())
+            finally:
+                os.close(fd)
+            return True
+        return False
+
+    def _release(self, positions: Iterable[int]) -> None:
+        for pos in positions:
+            try:
+                os.unlink(self._claim_path(pos))
+            except OSError:
                 pass
+
+    def _triage(self, positions: list[int]) -> tuple[list[int], dict[str, np.ndarray], list[int], list[int],
+                                                     list[int]]:
+        """Split distinct positions into (valid, their rows, to compute, claimed by another live process, claims
+        taken here); the claims taken are a subset of those to compute (all of them while storing works)."""
+        if not positions:
+            return [], {n: np.zeros((0, c), self.dtypes[n]) for n, c in self.cols.items()}, [], [], []
+        ok, rows = self._read(positions)
+        valid = [p for p, good in zip(positions, ok) if good]
+        missing = [p for p, good in zip(positions, ok) if not good]
+        rows = {n: r[ok] for n, r in rows.items()}
+        if self.claims is None or not self.writable:
+            return valid, rows, missing, [], []
+        mine, wait = [], []
+        try:
+            for pos in missing:
+                (mine if self._claim(pos) else wait).append(pos)
+        except OSError as e:  # cannot even create a claim (a full disk, a read-only mount): compute, do not store
+            self._release(mine)
+            self._stop_storing(e)
+            return valid, rows, missing, [], []
+        if mine:  # a record finished between the read above and the claim: serve it, do not compute it again
+            again_ok, again_rows = self._read(mine)
+            if again_ok.any():
+                done = [p for p, good in zip(mine, again_ok) if good]
+                self._release(done)
+                valid += done
+                rows = {n: np.concatenate([rows[n], again_rows[n][again_ok]]) for n in rows}
+                mine = [p for p, good in zip(mine, again_ok) if not good]
+        return valid, rows, list(mine), wait, mine
 
     def _pack(self, name: str, values: torch.Tensor) -> np.ndarray:
         rows = values.detach().float().cpu().numpy()
@@ -411,43 +539,77 @@ class TeacherCache:
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, views: torch.Tensor,
                  compute: Callable[[torch.Tensor], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The teacher's outputs for the batch: stored rows where valid, `compute` on the rest (then stored)."""
+        """The teacher's outputs for the batch: stored rows where valid, `compute` on the rest (then stored).
+
+        The entries this job claimed are computed, stored and released before it waits for entries that other
+        jobs claimed: a job never waits while holding claims, so two jobs whose batches cross never wait on each
+        other."""
         idx, vw = indices.tolist(), views.tolist()
         in_range = [0 <= v < self.num_views and 0 <= i < self.num_samples for i, v in zip(idx, vw)]
         positions = [i * self.num_views + v for i, v in zip(idx, vw)]
-        valid, todo, wait = self._triage([p for p, ok in zip(positions, in_range) if ok])
+        first_row: dict[int, int] = {}
+        for j, (p, ok) in enumerate(zip(positions, in_range)):
+            if ok:
+                first_row.setdefault(p, j)
+        valid, rows, todo, wait, mine = self._triage(list(first_row))
+        hit_blocks, hit = [rows], {p: (0, k) for k, p in enumerate(valid)}
+        chunks: list[dict[str, np.ndarray]] = []
+        fresh: dict[int, tuple[int, int]] = {}  # entry (or -(row + 1) for a row beyond the store) -> (chunk, row)
+
+        def compute_now(keys: list[int], claimed: list[int]) -> None:
+            """Compute the rows of `keys`, store those of `claimed` (the claims taken) and release the claims."""
+            written: list[int] = []
+            try:
+                rows_at = [first_row[k] if k >= 0 else -k - 1 for k in keys]
+                result = {n: v for n, v in compute(x[rows_at]).items() if n in self.outputs}
+                # served in the stored form: what a later hit serves
+                packed = {n: self._pack(n, result[n]) for n in self.outputs}
+                chunks.append(packed)
+                at = {key: k for k, key in enumerate(keys)}
+                fresh.update((key, (len(chunks) - 1, k)) for key, k in at.items())
+                if claimed:
+                    written = self._store(claimed, {n: packed[n][[at[p] for p in claimed]] for n in self.cols})
+            finally:
+                if self.claims is not None:
+                    self._release(set(claimed) - set(written))
+
+        outside = [-(j + 1) for j, ok in enumerate(in_range) if not ok]
+        if outside or todo:
+            compute_now(outside + todo, mine if self.claims is not None else todo)
         deadline = time.time() + CLAIM_TIMEOUT_S
-        while wait and time.time() < deadline:  # another job is computing these: wait for them
+        while wait and time.time() < deadline:  # another job is computing these: wait for their records
             time.sleep(0.02)
-            again_valid, again_todo, wait = self._triage(wait)
-            valid += again_valid
-            todo += again_todo
-        todo += wait
-        have = set(valid)
-        rows_needed = [j for j, (p, ok) in enumerate(zip(positions, in_range)) if not ok or p not in have]
+            again_valid, again_rows, again_todo, wait, again_mine = self._triage(wait)
+            hit.update((p, (len(hit_blocks), k)) for k, p in enumerate(again_valid))
+            hit_blocks.append(again_rows)
+            if again_todo:  # their claims were given up: ours now
+                compute_now(again_todo, again_mine)
+        if wait:  # waited long enough: computed here (not stored: the claims are another's)
+            compute_now(wait, [])
+        hit_j, hit_src, miss_j, miss_src = [], [], [], []
+        hit_offset = np.cumsum([0] + [len(next(iter(b.values()))) if b else 0 for b in hit_blocks])
+        fresh_offset = np.cumsum([0] + [len(next(iter(c.values()))) if c else 0 for c in chunks])
+        for j, (p, ok) in enumerate(zip(positions, in_range)):
+            if ok and p in hit:
+                block, k = hit[p]
+                hit_j.append(j)
+                hit_src.append(int(hit_offset[block]) + k)
+            else:
+                chunk, k = fresh[p if ok else -(j + 1)]
+                miss_j.append(j)
+                miss_src.append(int(fresh_offset[chunk]) + k)
+        self.misses += len(miss_j)
+        self.hits += len(hit_j)
         out: dict[str, torch.Tensor] = {}
-        computed: dict[str, torch.Tensor] = {}
-        if rows_needed:
-            computed = {n: v for n, v in compute(x[rows_needed]).items() if n in self.outputs}
-            row_of = {positions[j]: k for k, j in enumerate(rows_needed)}
-            store = [p for p in dict.fromkeys(todo) if p in row_of]
-            if store:
-                packed = {n: self._pack(n, computed[n][[row_of[p] for p in store]]) for n in self.cols}
-                self._write(store, packed)
-        self.misses += len(rows_needed)
-        self.hits += len(positions) - len(rows_needed)
-        needed = set(rows_needed)
-        hit_rows = [j for j in range(len(positions)) if j not in needed]
         for name in self.outputs:
-            device = x.device
             full = torch.empty(len(positions), self.outputs[name], dtype=torch.float32)
-            if hit_rows:
-                stored = self.data[name][[positions[j] for j in hit_rows]]
-                full[hit_rows] = self._unpack(name, np.asarray(stored))
-            if rows_needed:
-                # serve what a later hit would serve: the same stored form
-                full[rows_needed] = self._unpack(name, self._pack(name, computed[name]))
-            out[name] = full.to(device)
+            if hit_j:
+                stored = np.concatenate([b[name] for b in hit_blocks])
+                full[hit_j] = self._unpack(name, stored[hit_src])
+            if miss_j:
+                made = np.concatenate([c[name] for c in chunks])
+                full[miss_j] = self._unpack(name, made[miss_src])
+            out[name] = full.to(x.device)
         return out
 
     def stats(self) -> dict[str, float]:
