@@ -652,7 +652,8 @@ def recipe_overrides(method: str, base: list[str], epochs: int) -> tuple[list[st
     if method in PAPER_CE_PLUS_LOSS:
         from kdx.distill.settings import split_distill_section
 
-        alpha = split_distill_section(compose(base).distill, "classification")[0].alpha
+        cfg = compose(base)
+        alpha = split_distill_section(cfg.distill, "classification")[0].alpha
         if 0.0 < alpha < 1.0:
             keep = 1.0 - alpha
             lr, wd = float(cfg.optim.lr) / keep, float(cfg.optim.get("weight_decay", 0.0)) * keep

@@ -15,7 +15,8 @@ from kdx.data.recordio import (
     pack_header,
     unpack_header,
 )
-from kdx.data.pack import pack_identity_folder, pack_main
+from kdx.cli import pack_main
+from kdx.data.pack import pack_identity_folder
 from kdx.errors import DataError
 
 MAGIC_BYTES = struct.pack("<I", MAGIC)

@@ -19,10 +19,10 @@ class LayoutMixin:
     compile_networks = False  # set True to torch.compile the networks in place at the start of fit (trainer.compile)
 
     def compiled_networks(self) -> list[nn.Module]:
-        """The torch networks `trainer.compile` compiles: the trained network (distillation hosts add their torch
-        teacher, kdx.lit.distill)."""
-        net = getattr(self, "net", None)
-        return [net] if isinstance(net, nn.Module) else []
+        """The torch networks `trainer.compile` compiles: the trained network and a registered `teacher` (the probe's
+        feature extractor); distillation hosts add their torch teacher (kdx.lit.distill)."""
+        teacher = self._modules.get("teacher")  # a host trained on a frozen teacher's features (the probe's)
+        return [n for n in (getattr(self, "net", None), teacher) if isinstance(n, nn.Module)]
 
     def on_fit_start(self) -> None:
         if self.channels_last:
