@@ -19,7 +19,7 @@ from kdx.tasks.supervised import model_spec
 
 @dataclass
 class MarginOptions:
-    """`task.margin`: the margin-softmax head (kdx.losses.margin)."""
+    """`task.margin`: the margin-softmax head (kdx.models.margin_heads)."""
 
     kind: str = choice("arcface", "arcface", "cosface", "normsoftmax")
     s: float = number(64.0, 0, low_open=True)  # logit scale

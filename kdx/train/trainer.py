@@ -124,7 +124,7 @@ class RandomState(Callback):
 
 
 class InterruptState:
-    """Ctrl-C bookkeeping shared by kdx.train.run's SIGINT handler and the InterruptCheck callback."""
+    """Ctrl-C bookkeeping shared by kdx.train.interrupts' SIGINT handler and the InterruptCheck callback."""
 
     requested = 0  # SIGINTs received during the current run
     cooperative = False  # True while a Trainer runs: the first Ctrl-C is acted on at the next batch boundary
