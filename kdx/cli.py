@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 import kdx.conf as conf_package
 from kdx.errors import DataError, KdxError, RunInterrupted
 from kdx.io import RESULTS_FILE, disk_full_cause, disk_full_error, read_results, write_json
-from kdx.overrides import check_added_keys, explain_composition_error
+from kdx.overrides import check_overrides, explain_composition_error
 from kdx.ranks import is_global_zero_process
 from kdx.runs import current_sweep_dir, job_return_value, record_refusal, register_resolvers
 
@@ -95,7 +95,7 @@ def _train_job(cfg: DictConfig) -> float | None:
     multirun = _is_multirun()
     run_dir = _run_dir()
     try:
-        check_added_keys(cfg, _task_overrides(), CONFIG_DIR)  # a `+key` nothing reads; the values: kdx.tasks
+        check_overrides(cfg, _task_overrides(), CONFIG_DIR)  # a `+key` nothing reads; the values: kdx.tasks
         if multirun:
             _name_sweep_job(cfg)
         results = run_training(cfg, run_dir, _task_overrides(), multirun=multirun,
@@ -161,7 +161,7 @@ def _pipeline_job(cfg: DictConfig) -> None:
     if uses_wandb and not cfg.logger.wandb.get("group"):  # one W&B group for every stage of the pipeline
         extra = [f"logger.wandb.group={cfg.run_name}"]
     try:
-        check_added_keys(cfg, overrides, CONFIG_DIR)
+        check_overrides(cfg, overrides, CONFIG_DIR)
         summary = run_pipeline(cfg, _run_dir(), overrides,
                                compose=lambda o: compose(config_name="train", overrides=[*_search_path_overrides(), *o, *extra]),
                                compare=compare_stages)
@@ -235,7 +235,7 @@ def _tune_job(cfg: DictConfig) -> None:
     try:
         if _is_multirun():
             raise KdxError("kdx-tune runs its own search; drop -m/--multirun (and sweep=)")
-        check_added_keys(cfg, overrides, CONFIG_DIR)
+        check_overrides(cfg, overrides, CONFIG_DIR)
         settings = parse_settings(to_dict(cfg.get("tune")) or {}, to_dict(cfg.get("checkpoint")), distill_presets())
         base_overrides(overrides)  # the refusals, and the storage, before the training stack is imported
         check_storage(storage_url(settings, _run_dir().resolve()))

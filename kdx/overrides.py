@@ -1,6 +1,6 @@
 """Command-line overrides that Hydra cannot apply, or would apply silently, told in one sentence.
 
-Two checks:
+Three checks:
 - `explain_composition_error`: Hydra's multi-line composition errors (a misspelled key, an unknown option of a
   config group, a `+` on a key that exists, a line the override grammar cannot read) become one ConfigError
   that names the override and lists close matches.
@@ -8,6 +8,10 @@ Two checks:
   key is then silently ignored). Such keys are refused with close matches, unless the group takes open-ended
   keys (pl.Trainer arguments, datamodule arguments, model kwargs, logger options, distillation parameters,
   which their readers check themselves).
+- `check_merged_mappings`: `key={}` (or `key={a: 1}`) on a key whose config already holds a mapping is merged
+  into it by Hydra, so `distill.mix={}` would keep the preset's mixed methods; an empty mapping that empties
+  nothing is refused with the override that does (`key=null`).
+`check_overrides` runs the last two on a composed config; every kdx entry point calls it.
 """
 from __future__ import annotations
 
@@ -177,6 +181,28 @@ def check_added_keys(cfg: Any, overrides: Sequence[str], config_dir: str) -> Non
             close = _close(key, known)
             raise ConfigError(f"+{key} adds a key that no kdx config or code reads, so it would be ignored"
                               f"{_hint(close)}" + ("" if close else "; run kdx-train --cfg job to see the keys"))
+
+
+def check_merged_mappings(cfg: Any, overrides: Sequence[str]) -> None:
+    """Raise a ConfigError for `key={}` when the composed `key` is still a non-empty mapping: Hydra merges a
+    mapping override into the one the config holds, so the user's "empty it" did nothing."""
+    for override in overrides:
+        if override.startswith(("~", "+")) or "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        if re.fullmatch(r"\{\s*\}", value.strip()) is None:
+            continue
+        held = OmegaConf.select(cfg, key, default=None)
+        if OmegaConf.is_dict(held) and len(held):
+            raise ConfigError(f"{key}={{}} leaves {key} as {OmegaConf.to_container(held)} because Hydra merges a "
+                              f"mapping into the one the config holds; write {key}=null to empty it")
+
+
+def check_overrides(cfg: Any, overrides: Sequence[str], config_dir: str) -> None:
+    """The checks of a composed config against its command line: `+key`s nothing reads, and `key={}` overrides
+    that empty nothing."""
+    check_added_keys(cfg, overrides, config_dir)
+    check_merged_mappings(cfg, overrides)
 
 
 # --------------------------------------------------------------------------- Hydra's composition errors

@@ -119,12 +119,14 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 # the face rows (--data orl): each method alone on the face student's margin loss, from its shipped preset
 # (alpha as the preset says), and the shipped default face_emb (emb_cos + relational). A preset's keys that the
-# row's method does not take are removed (`~distill.projection`). logit_kd is not a row: it reads a margin head
-# trained on the same identities, which an ONNX teacher such as SFace does not have (kdx refuses it by name).
-_ALONE = ["distill.mix={}"]
+# row's method does not take are removed (`~distill.projection`), and face_emb's mixed-in relational term is
+# emptied with `distill.mix=null` (Hydra merges `distill.mix={}` into the preset's mix, which keeps it).
+# logit_kd is not a row: it reads a margin head trained on the same identities, which an ONNX teacher such as
+# SFace does not have (kdx refuses it by name).
+_ALONE = ["distill.mix=null"]
 _ON_EMB_COS = ["~distill.projection", *_ALONE]
 FACE_ROWS: dict[str, dict[str, Any]] = {
-    "emb_mse": {"experiment": "face_kd", "distill": "face_mse", "method": "emb_mse", "overrides": _ALONE},
+    "emb_mse": {"experiment": "face_kd", "distill": "face_mse", "method": "emb_mse", "overrides": []},
     "emb_cos": {"experiment": "face_kd", "distill": "face_emb", "method": "emb_cos", "overrides": _ALONE},
     "emb_cos+relational": {"experiment": "face_kd", "distill": "face_emb", "method": "emb_cos", "overrides": [],
                            "paper": "kdx's default face preset (distill=face_emb)"},
@@ -134,7 +136,7 @@ FACE_ROWS: dict[str, dict[str, Any]] = {
             "overrides": ["distill.method=rkd", *_ON_EMB_COS]},
     "pkt": {"experiment": "face_kd", "distill": "face_emb", "method": "pkt",
             "overrides": ["distill.method=pkt", *_ON_EMB_COS]},
-    "adadistill": {"experiment": "face_kd", "distill": "face_adadistill", "method": "adadistill", "overrides": _ALONE},
+    "adadistill": {"experiment": "face_kd", "distill": "face_adadistill", "method": "adadistill", "overrides": []},
 }
 # the papers add these methods' losses to an unweighted CE (CE + w L); their presets use alpha 0.5
 PAPER_CE_PLUS_LOSS = frozenset({"dkd", "dist", "fitnet", "at", "nst", "vid", "reviewkd", "sp", "rkd", "pkt", "crd"})

@@ -164,3 +164,17 @@ def test_face_methods_table_on_orl_scores_the_given_teacher_per_seed_and_reuses_
     assert results_mtimes(out) == before
     with pytest.raises(SystemExit):
         script.parse_args(["--data", "orl", "--methods", "dkd"])
+
+
+def test_each_face_row_distills_with_its_own_method_only():
+    """A face row named after one method trains that method alone (face_emb's mixed-in relational term emptied),
+    and the default-preset row keeps the mix: the rows' composed distill sections, read as kdx-train reads them."""
+    from kdx.distill.mix import split_distill_config
+    from kdx.distill.settings import split_distill_section
+
+    script = load_script()
+    for name, row in script.FACE_ROWS.items():
+        cfg = script.compose([f"experiment=orl/{row['experiment']}", f"distill={row['distill']}", *row["overrides"]])
+        _, methods = split_distill_section(cfg.distill, "face")
+        trained = sorted(entry[0] for entry in split_distill_config(methods))
+        assert trained == (["emb_cos", "relational"] if name == "emb_cos+relational" else [row["method"]]), name

@@ -431,6 +431,23 @@ def test_added_keys_under_kdx_groups_are_checked_against_their_readers() -> None
                      CONFIG_DIR)
 
 
+def test_an_empty_mapping_override_that_empties_nothing_is_refused_and_null_empties_it(tmp_path: Path) -> None:
+    """`distill.mix={}` is merged by Hydra into face_emb's mix (relational stays): kdx-train refuses it with the
+    override that works, and `distill.mix=null` trains the preset's own method alone."""
+    out = run_cli("kdx-train", "experiment=orl/face_kd", "distill=face_emb", "distill.mix={}", cwd=tmp_path)
+    assert one_error_line(out) == ("kdx: error: distill.mix={} leaves distill.mix as {'relational': {'weight': 1.0}} "
+                                   "because Hydra merges a mapping into the one the config holds; write "
+                                   "distill.mix=null to empty it")
+    from kdx.distill.mix import split_distill_config
+    from kdx.distill.settings import split_distill_section
+    from kdx.overrides import check_merged_mappings
+
+    check_merged_mappings(teacher_cfg(), ["distill.mix={}", "+distill.mix={}", "~distill.mix"])  # already empty
+    cfg = compose_train(["experiment=orl/face_kd", "distill=face_emb", "distill.mix=null"])
+    check_merged_mappings(cfg, ["distill.mix=null"])
+    assert [e[0] for e in split_distill_config(split_distill_section(cfg.distill, "face")[1])] == ["emb_cos"]
+
+
 def test_teacher_pretrained_accepts_a_weights_file(tmp_path: Path) -> None:
     from kdx.models import build_model
 
