@@ -119,3 +119,19 @@ def test_ddp_inside_multirun_completes(tmp_path: Path) -> None:
         assert results["status"] == "completed" and results["hparams"]["seed"] == int(job) + 1
         assert results["global_step"] == 1  # 128 images / (2 ranks x 64): both ranks took part
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()  # no stray runs from ranks > 0
+
+
+@pytest.mark.slow
+def test_teacher_cache_counts_in_the_record_are_summed_over_the_ranks(tmp_path: Path, synthetic_teacher) -> None:
+    """Two gloo ranks each look up their half of the 128 images per epoch: the run's record and its closing line
+    count every lookup of both ranks (2 epochs x 128), not rank 0's half."""
+    run_dir = tmp_path / "run"
+    out = run_cli("kdx-train", "experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "trainer=ddp",
+                  "trainer.devices=2", "trainer.max_epochs=2", "data.train_size=128", "data.batch_size=32",
+                  "trainer.progress_bar=none", "distill.teacher_cache.mode=memory", f"hydra.run.dir={run_dir}",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cache = json.loads((run_dir / "results.json").read_text())["teacher_cache"]
+    assert cache["mode"] == "memory" and cache["dir"] is None
+    assert cache["hits"] + cache["misses"] == 256 and cache["misses"] >= 128, cache
+    assert f"teacher cache (memory): {cache['hits']:,} hits, {cache['misses']:,} misses" in out.stdout

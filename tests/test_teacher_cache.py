@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import multiprocessing as mp
 import os
 from pathlib import Path
@@ -237,6 +238,17 @@ def test_a_cached_run_gives_the_metrics_of_a_cold_and_an_uncached_one(synthetic_
         assert value == pytest.approx(cold["metrics"][key], abs=1e-3), key
     assert _metrics(tmp_path / "warm")["train/teacher_cache_hit_rate"] == 1.0
     assert _metrics(tmp_path / "cold")["train/teacher_cache_hit_rate"] == 0.0
+    # the run's record and closing summary: 128 images x 2 epochs looked up, all computed cold, all served warm
+    store = str(tmp_path / "store" / Path(cold["teacher_cache"]["dir"]).name)
+    assert cold["teacher_cache"] == {"mode": "disk", "dir": store, "hits": 0, "misses": 256, "hit_rate": 0.0}
+    assert warm["teacher_cache"] == {"mode": "disk", "dir": store, "hits": 256, "misses": 0, "hit_rate": 1.0}
+    assert "teacher_cache" not in plain
+    from kdx.train import print_results
+
+    printed = io.StringIO()
+    print_results(warm, file=printed)
+    assert f"teacher cache (disk, {store}): 256 hits, 0 misses (the teacher ran on 0.0% of the student's images)" \
+        in printed.getvalue().replace("\n", "")
 
 
 def test_an_unwritable_cache_folder_falls_back_to_computing(synthetic_teacher, tmp_path):

@@ -283,7 +283,8 @@ class TeacherCache:
         self.row_bytes = {n: self.cols[n] * self.dtypes[n].itemsize for n in self.cols}
         self.record_bytes = TAG_BYTES + sum(self.row_bytes.values())
         self.mode = mode
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # since the last reset (the host logs the epoch's hit rate and resets them)
+        self.run_hits = self.run_misses = 0  # over the whole run, never reset: the run's closing summary
         self.writable = True
         self.claims: Path | None = None
         if mode == "memory":
@@ -600,6 +601,8 @@ class TeacherCache:
                 miss_src.append(int(fresh_offset[chunk]) + k)
         self.misses += len(miss_j)
         self.hits += len(hit_j)
+        self.run_misses += len(miss_j)
+        self.run_hits += len(hit_j)
         out: dict[str, torch.Tensor] = {}
         for name in self.outputs:
             full = torch.empty(len(positions), self.outputs[name], dtype=torch.float32)
@@ -616,3 +619,11 @@ class TeacherCache:
         """Hits, misses and hit rate since the last reset."""
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0}
+
+    def run_summary(self, hits: int | None = None, misses: int | None = None) -> dict[str, Any]:
+        """What the run's record says of the cache: its mode and folder, and the hits and misses of the whole run
+        (this process's, or the totals over the ranks when given)."""
+        hits, misses = (self.run_hits if hits is None else int(hits)), (self.run_misses if misses is None else int(misses))
+        total = hits + misses
+        return {"mode": self.mode, "dir": str(self.dir) if self.dir is not None else None, "hits": hits,
+                "misses": misses, "hit_rate": round(hits / total, 4) if total else 0.0}

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
 from kdx.errors import NonFiniteError
@@ -45,6 +46,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, parts: RunParts, resume_ckpt: P
     monitor = cfg.checkpoint.get("monitor")
     if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
         metrics[f"best_{monitor}"] = float(ckpt_cb.best_model_score)
+    cache = _teacher_cache_summary(trainer, module)
     return dict(
         status="completed", metrics=metrics,
         monitor={"metric": monitor, "mode": cfg.checkpoint.get("mode", "max"),
@@ -53,4 +55,16 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, parts: RunParts, resume_ckpt: P
               "train_epoch_s": _train_epoch_times(trainer)},
         checkpoints=kept_checkpoints(run_dir, ckpt_cb),
         epochs=int(trainer.current_epoch), global_step=int(trainer.global_step),
+        **({"teacher_cache": cache} if cache else {}),
     )
+
+
+def _teacher_cache_summary(trainer: pl.Trainer, module: Any) -> dict[str, Any] | None:
+    """The teacher cache's hits and misses over this fit (a resumed run: since the resume), summed over the ranks;
+    None without a cache."""
+    cache = getattr(getattr(module, "teacher_source", None), "cache", None)
+    if cache is None:
+        return None
+    counts = torch.tensor([cache.run_hits, cache.run_misses], dtype=torch.float64, device=trainer.strategy.root_device)
+    counts = trainer.strategy.reduce(counts, reduce_op="sum") if trainer.world_size > 1 else counts
+    return cache.run_summary(hits=int(counts[0]), misses=int(counts[1]))

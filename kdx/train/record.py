@@ -112,4 +112,11 @@ def print_results(results: dict[str, Any], file=sys.stdout) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test/"))
     console.print(f"[bold]{results.get('experiment')}[/] ({results['task']}) finished in "
                   f"{results['time']['total_s']:.1f}s: {shown}")
+    cache = results.get("teacher_cache")
+    if cache:
+        where = "memory" if cache.get("dir") is None else f"{cache['mode']}, {cache['dir']}"
+        share = (f" (the teacher ran on {1 - cache['hit_rate']:.1%} of the student's images)"
+                 if cache["hits"] + cache["misses"] else "")
+        console.print(f"teacher cache ({where}): {cache['hits']:,} hits, {cache['misses']:,} misses{share}",
+                      highlight=False)
     console.print(f"run folder: {results['run_dir']}")
