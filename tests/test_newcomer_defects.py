@@ -121,6 +121,27 @@ def test_kdx_eval_applies_the_exports_normalisation_and_honours_mean_std(tmp_pat
     assert recorded == 1.0 and "recorded in face.onnx.json" in printed
 
 
+def test_an_onnx_teacher_takes_the_normalisation_its_export_records(tmp_path):
+    """A kdx export used as teacher.onnx gets (x/255 - mean) / std from its <model>.json, as kdx-eval does, not
+    the raw 0..255 values meant for SFace; a teacher.preprocess that contradicts the record is followed with a
+    warning naming both; without a record the raw range stays (SFace's)."""
+    from kdx.distill.teachers import build_face_teacher
+
+    model = tmp_path / "face.onnx"
+    net = TanhColour()
+    torch.onnx.export(net, torch.zeros(1, 3, 8, 8), str(model), dynamo=False, input_names=["images"],
+                      output_names=["embedding"], dynamic_axes={"images": {0: "n", 2: "h", 3: "w"}})
+    batch = torch.rand(4, 3, 8, 8) * 2 - 1  # the student's batch, normalised with the face data's 0.5 / 0.5
+    raw = build_face_teacher({"onnx": str(model)})(batch)["embedding"]
+    assert raw.abs().min() > 0.999  # 0..255 values into tanh: saturated, the [-1, 1] model's input is wrong
+    (tmp_path / "face.onnx.json").write_text(json.dumps({"normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    recorded = build_face_teacher({"onnx": str(model)})(batch)["embedding"]
+    assert torch.allclose(recorded, net(batch), atol=1e-5)  # exactly what the torch model gives the batch
+    with pytest.warns(UserWarning, match=r"teacher.preprocess \(value_range=\[0, 255\]\) differs from the input "
+                                         r"normalisation .*face.onnx.json records"):
+        build_face_teacher({"onnx": str(model), "preprocess": {"value_range": [0, 255]}})
+
+
 def test_classifier_exports_record_their_normalisation(synthetic_teacher, tmp_path):
     from kdx.export import export_network, sidecar_path
 

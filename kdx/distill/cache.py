@@ -61,7 +61,7 @@ from torch import nn
 
 from kdx.distill.settings import check_settings
 from kdx.errors import KdxError
-from kdx.io import fsync_dir
+from kdx.io import fsync_dir, sidecar_path
 
 CLAIM_TIMEOUT_S = 120.0  # a claim older than this (any node), or by a process that is gone (this node), is taken over
 TAG_BYTES = 16  # the keyed BLAKE2b tag in front of each record
@@ -99,12 +99,17 @@ def default_cache_dir() -> Path:
 
 
 def teacher_fingerprint(teacher: nn.Module | None, extra_file: str | os.PathLike | None = None) -> str:
-    """SHA-256 of a network's state (names, shapes, dtypes, values) or of a model file (ONNX teachers)."""
+    """SHA-256 of a network's state (names, shapes, dtypes, values) or of a model file (ONNX teachers), with the
+    file's kdx-export description `<model>.json` when there is one (the input normalisation it records decides
+    what the teacher sees)."""
     h = hashlib.sha256()
     if extra_file is not None:
         with open(extra_file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
+        side = sidecar_path(extra_file)
+        if side.is_file():
+            h.update(b"description:" + side.read_bytes())
     if teacher is not None:
         for name, value in sorted(teacher.state_dict().items()):
             h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())

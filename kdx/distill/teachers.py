@@ -2,6 +2,7 @@
 built from a teacher spec (`teacher.onnx`, `teacher.ckpt` or `teacher.name` + `teacher.pretrained`)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -12,7 +13,7 @@ from kdx.checkpoints import load_face_checkpoint
 from kdx.errors import ConfigError
 from kdx.models.margin_heads import CombinedMarginHead
 from kdx.models import build_embedding_model, fit_input, model_input_size
-from kdx.models.onnx_teacher import OnnxEmbeddingModel, sface_model_path
+from kdx.models.onnx_teacher import OnnxEmbeddingModel, recorded_normalization, sface_model_path
 
 PREPROCESS_KEYS = ("input_size", "channel_order", "value_range", "mean", "std", "convert_channels")
 
@@ -46,6 +47,33 @@ class FaceTeacher(nn.Module):
         return out
 
 
+def onnx_input_scaling(path: Path, pre: Mapping[str, Any]) -> tuple[tuple[float, float], Any, Any]:
+    """(value range, mean, std) an ONNX teacher's input is brought to: `teacher.preprocess` where it sets any of
+    them; else the normalisation a kdx export's description `<model>.json` records (x/255, then mean/std); else raw
+    0..255 values, as external models such as SFace take them. teacher.preprocess that contradicts a recorded
+    normalisation is followed, with a warning naming both."""
+    recorded, side = recorded_normalization(path)
+    given = {k: pre.get(k) for k in ("value_range", "mean", "std") if pre.get(k) is not None}
+    if not given:
+        if recorded is not None:
+            return (0.0, 1.0), recorded["mean"], recorded["std"]
+        return (0.0, 255.0), None, None
+    value_range = tuple(float(v) for v in given.get("value_range", (0.0, 255.0)))
+    if recorded is not None and (value_range != (0.0, 1.0) or _as_list(given.get("mean")) != _as_list(recorded["mean"])
+                                 or _as_list(given.get("std")) != _as_list(recorded["std"])):
+        warnings.warn(f"teacher.preprocess ({', '.join(f'{k}={v}' for k, v in given.items())}) differs from the input "
+                      f"normalisation {side} records ((x/255 - {recorded['mean']}) / {recorded['std']}); kdx follows "
+                      f"teacher.preprocess, so drop those keys if the model is that export", stacklevel=2)
+    return value_range, given.get("mean"), given.get("std")
+
+
+def _as_list(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return values[:1] if len(set(values)) == 1 else values  # 0.5 and [0.5, 0.5, 0.5] say the same
+
+
 def build_face_teacher(spec: Mapping[str, Any], data_mean: Any = 0.5, data_std: Any = 0.5) -> FaceTeacher:
     """The frozen teacher of a model spec: `onnx` (a path or `sface`), `ckpt` (a face run) or `name`+`pretrained`."""
     onnx, ckpt = spec.get("onnx"), spec.get("ckpt")
@@ -58,9 +86,10 @@ def build_face_teacher(spec: Mapping[str, Any], data_mean: Any = 0.5, data_std: 
         unknown = set(pre) - set(PREPROCESS_KEYS)
         if unknown:
             raise ConfigError(f"teacher.preprocess has unknown keys {sorted(unknown)}; use {', '.join(PREPROCESS_KEYS)}")
+        value_range, mean, std = onnx_input_scaling(path, pre)
         net = OnnxEmbeddingModel(path, input_size=pre.get("input_size"), channel_order=pre.get("channel_order") or "RGB",
-                                 value_range=tuple(pre.get("value_range") or (0.0, 255.0)), mean=pre.get("mean"),
-                                 std=pre.get("std"), convert_channels=bool(pre.get("convert_channels", True)),
+                                 value_range=value_range, mean=mean, std=std,
+                                 convert_channels=bool(pre.get("convert_channels", True)),
                                  input_mean=data_mean, input_std=data_std, device=spec.get("device") or "cpu")
         return FaceTeacher(net, source=str(path))
     if ckpt:

@@ -68,7 +68,7 @@ def onnx_input_scaling(args) -> tuple[dict, str | None]:
     the `normalization` its kdx-export description `<model>.json` records, or raw values in --value-range
     (default 0..255, as external models such as SFace take them).
     """
-    from kdx.io import sidecar_path
+    from kdx.models.onnx_teacher import recorded_normalization
 
     model = Path(args.model).expanduser()
     if model.suffix.lower() != ".onnx":
@@ -76,16 +76,10 @@ def onnx_input_scaling(args) -> tuple[dict, str | None]:
     kwargs = dict(channel_order=args.channel_order, input_mean=0.5, input_std=0.5, device=args.device)
     data_args = (args.mean, args.std)
     args.mean, args.std = [0.5], [0.5]  # how the data reaches the wrapper (undone there)
-    side = sidecar_path(model)
-    recorded = None
-    if side.is_file():
-        try:
-            recorded = (json.loads(side.read_text()) or {}).get("normalization")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
+    recorded, side = recorded_normalization(model)
     if data_args[0] is not None:
         mean, std, source = data_args[0], data_args[1], "--mean/--std"
-    elif isinstance(recorded, dict) and recorded.get("mean") is not None and recorded.get("std") is not None:
+    elif recorded is not None:
         mean, std, source = recorded["mean"], recorded["std"], f"recorded in {side.name}"
     else:
         value_range = tuple(args.value_range or (0.0, 255.0))

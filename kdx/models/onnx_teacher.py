@@ -64,6 +64,24 @@ def _dims(value_info) -> list[int | None]:
             for d in value_info.type.tensor_type.shape.dim]
 
 
+def recorded_normalization(path: str | os.PathLike) -> tuple[dict | None, Path]:
+    """(the `normalization` {mean, std} that the kdx-export description `<model>.json` beside `path` records, or
+    None when there is no readable description or it records none; the description's path). A kdx export takes
+    `(x/255 - mean) / std`; external models (SFace) have no description and take raw 0..255 values."""
+    import json
+
+    from kdx.io import sidecar_path
+
+    side = sidecar_path(Path(path).expanduser())
+    try:
+        recorded = (json.loads(side.read_text()) or {}).get("normalization")
+    except (OSError, ValueError, AttributeError):
+        return None, side
+    if isinstance(recorded, dict) and recorded.get("mean") is not None and recorded.get("std") is not None:
+        return {"mean": recorded["mean"], "std": recorded["std"]}, side
+    return None, side
+
+
 class OnnxEmbeddingModel(nn.Module):
     """Frozen onnxruntime embedding model taking the student's normalised batch; see the module docstring."""
 
