@@ -321,8 +321,9 @@ def eval_main(argv: list[str] | None = None) -> int:
                         "when the folder is the one it was trained on, else every identity it was not trained on "
                         "(kdx face checkpoints record both); test, unseen: those explicitly; all: every identity, "
                         "training ones included")
-    p.add_argument("--num-pairs", type=int, default=6000, help="pairs built from a face folder (default 6000; "
-                   "fewer when the identities cannot form that many)")
+    p.add_argument("--num-pairs", type=int, default=None, help="pairs built from a face folder (default: the run's "
+                   "own test pairs when its test identities are scored, else 6000; fewer when the identities cannot "
+                   "form that many)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs built from a face folder")
     p.add_argument("--image-size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"))
     p.add_argument("--in-chans", type=int, default=3, choices=(1, 3))
@@ -335,7 +336,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--value-range", type=float, nargs=2, default=None,
                    help="ONNX models only: the pixel range the model takes before --mean/--std (default 0 255, or "
                         "0 1 when a normalisation applies)")
-    p.add_argument("--flip", action="store_true", help="add the embeddings of horizontally flipped images")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the embeddings of horizontally flipped images (default: as the run's own test, "
+                        "task.flip_eval, when its test pairs are scored; else off)")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
@@ -346,7 +349,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.mean is None) != (args.std is None):
         p.error("--mean and --std go together: pass both (the normalisation is (x/255 - mean)/std)")
-    from kdx.eval.verify import format_metrics, verify, write_record  # torch and the models, once arguments parse
+    from kdx.eval.verify import DEFAULT_NUM_PAIRS, format_metrics, verify, write_record  # torch, models: after parsing
 
     try:
         result = verify(args)
@@ -358,9 +361,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     print(f"input       {result.scaling}")
     if selection is not None:
         print(f"identities  {selection.description}")
-    fewer = (f"; all the same-identity pairs these identities allow, fewer than --num-pairs {args.num_pairs}"
-             if selection is not None and selection.mode != "pairs file" and len(issame) < args.num_pairs else "")
-    print(f"pairs       {len(issame)} ({sum(issame)} same, {len(issame) - sum(issame)} different{fewer})\n"
+    asked = args.num_pairs or DEFAULT_NUM_PAIRS
+    fewer = (f"; all the same-identity pairs these identities allow, fewer than --num-pairs {asked}"
+             if selection is not None and selection.mode != "pairs file" and not selection.pairs_note.startswith(
+                 "the run's own") and len(issame) < asked else "")
+    which = f"; {selection.pairs_note}" if selection is not None and selection.pairs_note else ""
+    print(f"pairs       {len(issame)} ({sum(issame)} same, {len(issame) - sum(issame)} different{fewer}{which})\n"
           + format_metrics(result.metrics))
     if args.out:
         write_record(args.out, result.record(args.model, args.data))

@@ -161,6 +161,31 @@ def test_kdx_eval_orl_scores_the_run_test_identities_by_default(orl_run, tmp_pat
     assert out.stderr.strip() == ""  # no stray warnings
 
 
+def test_kdx_eval_of_a_run_checkpoint_gives_the_runs_own_test_number(tmp_path):
+    """A face run's test/verif_acc and kdx-eval of its best.ckpt on the same folder agree to the digit: kdx-eval
+    scores the run's own test pairs (data.num_test_pairs, seeded as in training) with flipped images as the run
+    did (task.flip_eval), and says so; --num-pairs builds other pairs of the same identities and says that."""
+    run = tmp_path / "run"
+    out = run_cli("kdx-train", "experiment=orl/student", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                  "student.kwargs.input_size=[32,32]", "data.num_val_pairs=20", "data.num_test_pairs=60",
+                  "trainer.progress_bar=none", f"hydra.run.dir={run}", cwd=tmp_path, timeout=300,
+                  env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    ckpt = results["checkpoints"]["best"]
+    own = run_cli("kdx-eval", ckpt, "orl", "--out", str(tmp_path / "own.json"), cwd=tmp_path, timeout=240)
+    assert own.returncode == 0, own.stderr[-3000:]
+    assert ("pairs       60 (30 same, 30 different; the run's own test pairs (data.num_test_pairs=60, seeded with "
+            "data.seed + 1 = 1), with flipped images, as its test metrics)") in own.stdout
+    record = json.loads((tmp_path / "own.json").read_text())
+    assert record["pairs"] == 60
+    assert record["metrics"]["accuracy"] == pytest.approx(results["metrics"]["test/verif_acc"], abs=1e-6)
+    other = run_cli("kdx-eval", ckpt, "orl", "--num-pairs", "40", cwd=tmp_path, timeout=240)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "new pairs of the run's test identities (--num-pairs 40, --seed 0), not the 60 its test metrics were " \
+           "measured on; leave --num-pairs out to score those" in other.stdout
+
+
 def test_kdx_eval_all_identities_says_how_many_were_trained_on(orl_run, tmp_path):
     run, dm = orl_run
     out = run_cli("kdx-eval", str(run / "checkpoints" / "best.ckpt"), "orl", "--identities", "all",

@@ -33,6 +33,9 @@ class RecordedSplit:
     test: list[str] | None = None        # [] when the run's test pairs reused the validation identities
     root: Path | None = None             # the face folder of the run
     note: str = ""                       # why the run's split could not be used, if so
+    test_pairs: list | None = None       # the run's own test pairs (what its test metrics were measured on)
+    test_pairs_how: str = ""             # how the run built them (its data keys)
+    flip_eval: bool = True               # whether the run's test added the flipped images' embeddings
 
 
 @dataclass
@@ -43,9 +46,11 @@ class Selection:
     used: list[str]
     left_out: dict[str, list[str]] = field(default_factory=dict)
     description: str = ""
+    pairs_note: str = ""  # which pairs of these identities are scored, when that needs saying
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "used": self.used, "left_out": self.left_out, "description": self.description}
+        return {"mode": self.mode, "used": self.used, "left_out": self.left_out, "description": self.description,
+                **({"pairs": self.pairs_note} if self.pairs_note else {})}
 
 
 def _run_split(ckpt: Path, train: list[str]) -> RecordedSplit:
@@ -71,6 +76,11 @@ def _run_split(ckpt: Path, train: list[str]) -> RecordedSplit:
         return split
     split.validation, split.test = list(dm.held_out_identities), list(dm.test_identities_held_out)
     split.root = Path(dm.root).resolve()
+    task = OmegaConf.to_container(OmegaConf.load(config_path).get("task") or {}, resolve=False)
+    split.flip_eval = bool(task.get("flip_eval", True)) if isinstance(task, dict) else True
+    if split.test and getattr(dm, "pairs_file", None) is None:
+        split.test_pairs = list(dm.test_pairs)
+        split.test_pairs_how = f"data.num_test_pairs={dm.num_test_pairs}, seeded with data.seed + 1 = {dm.seed + 1}"
     return split
 
 

@@ -19,6 +19,9 @@ from kdx.io import atomic_write_text
 from kdx.metrics.verification import verification_metrics
 
 
+DEFAULT_NUM_PAIRS = 6000  # pairs built from a face folder when --num-pairs is not given
+
+
 def _dataset(args, split=None):
     """(verification dataset, Selection of identities or None) of args.data; a face folder is limited to the
     identities `--identities` picks from the model's recorded split (kdx.eval.identities)."""
@@ -29,9 +32,21 @@ def _dataset(args, split=None):
     transform = FaceTransform(args.image_size, args.in_chans, args.mean, args.std)
     if data.is_dir():
         identities, selection = select_identities(list_identity_folder(data, extensions), data, split, args.identities)
+        if split is not None and split.test_pairs and selection.used == sorted(split.test):
+            if args.num_pairs is None:  # the run's own test pairs: the same number as its test/verif_acc
+                if args.flip is None:
+                    args.flip = split.flip_eval
+                flip = f"{'with' if args.flip else 'without'} flipped images"
+                same = "as" if args.flip == split.flip_eval else f"unlike (task.flip_eval={split.flip_eval})"
+                selection.pairs_note = (f"the run's own test pairs ({split.test_pairs_how}), {flip}, {same} its "
+                                        f"test metrics")
+                return VerificationPairsDataset(split.test_pairs, transform), selection
+            selection.pairs_note = (f"new pairs of the run's test identities (--num-pairs {args.num_pairs}, --seed "
+                                    f"{args.seed}), not the {len(split.test_pairs)} its test metrics were measured "
+                                    f"on; leave --num-pairs out to score those")
         with warnings.catch_warnings():  # fewer pairs than asked is said on the `pairs` line instead
             warnings.filterwarnings("ignore", message=r"only \d+ same-identity pairs exist")
-            pairs = build_verification_pairs(identities, args.num_pairs, seed=args.seed)
+            pairs = build_verification_pairs(identities, args.num_pairs or DEFAULT_NUM_PAIRS, seed=args.seed)
         return VerificationPairsDataset(pairs, transform), selection
     if data.suffix.lower() == ".bin":
         images, issame = read_verification_bin(data, image_size=args.image_size)
@@ -130,6 +145,7 @@ def verify(args) -> Verification:
         scaling = _describe(args.mean, args.std, "--mean/--std" if given else "the default; --mean/--std change it")
     model = load_embedding_model(args.model, args.model_name, **onnx_kwargs)
     dataset, selection = _dataset(args, recorded_split(args.model))
+    args.flip = bool(args.flip)  # None (not given) and not the run's own pairs: off
     t0 = time.time()
     emb, flipped, issame = embed_dataset(model, dataset, args.batch_size, args.flip, args.device)
     metrics = verification_metrics(emb, issame, flipped, nrof_folds=args.folds)
