@@ -212,6 +212,32 @@ def test_contrast_memory_scores_normaliser_and_update_follow_the_formulas():
             np.testing.assert_array_equal(bank[untouched].numpy(), old[untouched])
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_contrast_memory_scores_the_whole_bank_once_when_negatives_outnumber_it(dtype, tol):
+    """B (K+1) >= num_samples (here 4 x 13 draws over a 10-row bank): the scores come from one product with the
+    whole bank, then the drawn columns; they are the per-row dot products of the formula (as the gather path)."""
+    torch.manual_seed(1)
+    n, k, d, b = 10, 12, 6, 4
+    mem = ContrastMemory(d, n, k).to(dtype)
+    v_s, v_t = F.normalize(torch.randn(b, d, dtype=dtype), dim=1), F.normalize(torch.randn(b, d, dtype=dtype), dim=1)
+    contrast = torch.randint(0, n, (b, k + 1))
+    dots_s, dots_t = mem.bank_dots(v_s, v_t, contrast)
+    bank_t, bank_s = mem.memory_teacher.double().numpy(), mem.memory_student.double().numpy()
+    want_s = np.array([[bank_t[contrast[i, j]] @ v_s[i].double().numpy() for j in range(k + 1)] for i in range(b)])
+    want_t = np.array([[bank_s[contrast[i, j]] @ v_t[i].double().numpy() for j in range(k + 1)] for i in range(b)])
+    np.testing.assert_allclose(dots_s.double().numpy(), want_s, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dots_t.double().numpy(), want_t, rtol=tol, atol=tol)
+    few = mem.bank_dots(v_s[:1], v_t[:1], contrast[:1, :5])  # 5 rows < 10: the gather path, same numbers
+    np.testing.assert_allclose(few[0].double().numpy(), want_s[:1, :5], rtol=tol, atol=tol)
+    # gradients reach the embeddings through the bank as it was before forward()'s momentum update
+    v = v_s.clone().requires_grad_(True)
+    before = bank_t.copy()
+    out_s, _ = mem(v, v_t, contrast[:, 0], contrast)
+    (out_s * mem.z_student).log().sum().backward()  # d/dv of sum of dots / T: the drawn rows' sum / T
+    want_grad = np.stack([before[contrast[i]].sum(0) for i in range(b)]) / mem.temperature
+    np.testing.assert_allclose(v.grad.double().numpy(), want_grad, rtol=tol * 10, atol=tol * 10)
+
+
 def test_contrast_memory_ignores_autocast():
     mem = ContrastMemory(8, 20, 5)
     low_mem = ContrastMemory(8, 20, 5)
