@@ -23,6 +23,7 @@ from kdx.eval.robustness import pixel_space_of
 from kdx.export import export_network
 from kdx.io import read_results, write_json
 from kdx.progress import format_duration
+from kdx.ranks import is_global_zero_process, launch_rank
 from kdx.runs import LAST_CKPT, set_aside
 from kdx.train import run_config_hash, run_training
 
@@ -94,6 +95,10 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path, user_overrides: Sequence[
     summary = {"run_dir": str(run_dir), "stages": {k: {"status": v.get("status"), "metrics": v.get("metrics"),
                                                        "checkpoint": (v.get("checkpoints") or {}).get("best")}
                                                    for k, v in stages.items()}}
+    if not is_global_zero_process():  # torchrun/srun: every rank trained the stages; one compares and writes
+        print(f"[kdx] rank {launch_rank()}: stages finished; rank 0 writes the comparison and pipeline.json",
+              flush=True)
+        return summary
     if compare is not None:
         summary["comparison"] = compare(cfg, run_dir, stages, stage_cfgs)
     write_json(run_dir / "pipeline.json", summary)

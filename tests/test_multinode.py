@@ -99,6 +99,32 @@ def test_torchrun_two_nodes_one_run_folder_and_single_process_metrics(tmp_path: 
 
 
 @pytest.mark.slow
+def test_kdx_pipeline_under_torchrun_trains_every_stage_on_both_nodes_and_compares_once(tmp_path: Path) -> None:
+    """kdx-pipeline's stages (teacher, student, kd) each run as one 2-node DDP job with one folder; rank 0 alone
+    writes the comparison and pipeline.json, rank 1 says so."""
+    port = free_port()
+    args = ["experiment=synthetic", *TWO_NODES, "trainer.max_epochs=1", "data.train_size=128",
+            "trainer.progress_bar=none"]
+    nodes = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "kdxpipe",
+                    "--local-addr", "127.0.0.1", "--no-python", str(BIN / "kdx-pipeline"), *args],
+                   cwd=tmp_path) for _ in (0, 1)]
+    outs = finish(nodes)
+    run = tmp_path / "runs" / "synthetic"
+    assert all_results(tmp_path) == [run / stage / "results.json" for stage in ("kd", "student", "teacher")]
+    for stage in ("teacher", "student", "kd"):
+        results = json.loads((run / stage / "results.json").read_text())
+        assert results["status"] == "completed" and results["global_step"] == 1, stage  # 128 = 2 ranks x 64
+    summary = json.loads((run / "pipeline.json").read_text())
+    assert set(summary["stages"]) == {"teacher", "student", "kd"} and summary["comparison"]["rows"]
+    assert (run / "comparison.md").is_file()
+    ranks = {0 if "[kdx] comparison written to" in out else 1: out for out in outs}
+    assert set(ranks) == {0, 1}, [out[-1500:] for out in outs]
+    assert "rank 1: stages finished; rank 0 writes the comparison and pipeline.json" in ranks[1]
+    assert "comparison written" not in ranks[1]
+
+
+@pytest.mark.slow
 def test_slurm_tasks_in_a_multirun_share_one_sweep_folder_and_skip_together(tmp_path: Path) -> None:
     args = ["-m", "experiment=synthetic/teacher", *TWO_NODES, "trainer.max_epochs=1", "data.train_size=128",
             "trainer.progress_bar=none", "seed=1,2"]
