@@ -288,7 +288,7 @@ def report_main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from kdx.report.make import make_report
-    from kdx.report.terminal import print_rich
+    from kdx.report.terminal import print_rich, print_seeds
     from kdx.text import terminal_text
 
     try:
@@ -297,7 +297,9 @@ def report_main(argv: list[str] | None = None) -> int:
     except KdxError as exc:
         print(f"kdx-report: error: {exc}", file=sys.stderr)
         return 2
-    print_rich(report.ranked, report.failed, report.metric, Console())
+    console = Console()
+    print_rich(report.ranked, report.failed, report.metric, console)
+    print_seeds(report.configs, report.metric, console)  # configurations over seeds, when a sweep has several
     print(terminal_text(report.summary))  # job folders and overrides may hold control sequences
     if report.note:
         print(f"kdx-report: note: {report.note}.", file=sys.stderr)

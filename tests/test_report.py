@@ -148,7 +148,7 @@ def test_default_out_is_dir_and_mean_over_duplicate_cells(sweep: Path) -> None:
     assert grid.counts[0][0] == 2
     assert grid.mean(1.0, 0.5) == pytest.approx((acc(PAIR_A, 1, 0.5) + 0.96) / 2)
     assert grid.mean(4.0, 0.9) == pytest.approx(acc(PAIR_A, 4, 0.9))
-    assert "| 1 | 0.91 (n=2) | 0.9 |" in (sweep / "report.md").read_text()
+    assert "| 1 | 0.91 ± 0.0707 (n=2) | 0.9 |" in (sweep / "report.md").read_text()  # std: sqrt(2 * 0.05^2 / 1)
     # best per pair: pair A first with its best single job
     pairs = tables.best_per_pair(report.ranked, report.metric)
     assert [(p, round(v, 6)) for p, v, _ in pairs] == [(PAIR_A, 0.96), (PAIR_B, acc(PAIR_B, 4, 0.9))]

@@ -3,6 +3,7 @@
 - `kdx.report.collect`: the jobs under a folder (JobRecord);
 - `kdx.report.rank`: the ranking metric, its direction and the ranked jobs;
 - `kdx.report.grids`: temperature x alpha grids per pair, student-alone baselines, the best job per pair;
+- `kdx.report.seeds`: jobs grouped into configurations over seeds, with mean, std and 95% interval;
 - `kdx.report.cells`, `kdx.report.render`, `kdx.report.terminal`: cell text; report.csv, report.md and the
   summary line; the rich table in the terminal;
 - `kdx.report.plots`: the PNGs (matplotlib, imported when a report is written);

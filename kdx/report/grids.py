@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from kdx.report.cells import fmt, short_value
 from kdx.report.collect import JobRecord, is_nan, natural_key
 from kdx.report.rank import metric_value
+from kdx.report.seeds import sample_std
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Baseline:
 
 @dataclass
 class Grid:
-    """Mean of a metric per (temperature, alpha) cell for one pair."""
+    """Mean (and std, see `std`) of a metric per (temperature, alpha) cell for one pair."""
 
     pair: str
     temperatures: list[float]
@@ -40,6 +41,10 @@ class Grid:
         """Mean metric of the cell, None when no job falls in it."""
         vals = self.values.get((temperature, alpha))
         return sum(vals) / len(vals) if vals else None
+
+    def std(self, temperature: float, alpha: float) -> float | None:
+        """Sample std (ddof=1) of the cell's jobs (its seeds), None below two jobs."""
+        return sample_std(self.values.get((temperature, alpha), []))
 
 
 def pair_name(job: JobRecord) -> str:

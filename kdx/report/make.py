@@ -1,4 +1,5 @@
-"""`make_report(DIR)`: rank the jobs of a run or multirun folder and write report.md, report.csv and plots (what
+"""`make_report(DIR)`: rank the jobs of a run or multirun folder and write report.md, report.csv, report_seeds.csv
+(configurations over seeds, when a sweep has several seeds of one) and plots (what
 `kdx-report DIR`, kdx.cli.report_main, runs). Every target is checked before anything is written: a file kdx-report
 did not write is never overwritten."""
 
@@ -12,10 +13,13 @@ from kdx.io import atomic_write_text
 from kdx.report.collect import JobRecord, collect_jobs
 from kdx.report.grids import attach_baselines, best_per_pair, cell_grids, is_student_alone
 from kdx.report.rank import best_job, choose_metric, choose_mode, rank_jobs, test_metric_note
-from kdx.report.render import is_kdx_csv, is_kdx_markdown, render_markdown, summary_line, write_csv
+from kdx.report.render import (is_kdx_csv, is_kdx_markdown, is_kdx_seeds_csv, render_markdown, summary_line,
+                               write_csv, write_seeds_csv)
+from kdx.report.seeds import ConfigStats, group_configs, has_seeds
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
+REPORT_SEEDS_CSV = "report_seeds.csv"
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Report:
     summary: str
     files: list[Path] = field(default_factory=list)
     note: str | None = None  # a warning about the choice of metric (ranking by a test metric)
+    configs: list[ConfigStats] = field(default_factory=list)  # the jobs grouped over seeds, best mean first
 
     @property
     def best(self) -> JobRecord | None:
@@ -66,11 +71,12 @@ def make_report(
                        f"(task=supervised, task.network=student); pass the run folder of one.")
     attach_baselines(grids, ranked + extra, metric)
     pairs = best_per_pair(ranked, metric)
+    configs = group_configs(ranked, metric, mode)
 
     out = Path(out).expanduser() if out is not None else root
     if out.exists() and not out.is_dir():
         raise KdxError(f"--out {out} is a file; pass --out with a folder.")
-    md_path, csv_path = out / REPORT_MD, out / REPORT_CSV
+    md_path, csv_path, seeds_path = out / REPORT_MD, out / REPORT_CSV, out / REPORT_SEEDS_CSV
 
     from kdx.report import plots as plot_mod  # matplotlib is imported only when a report is written
 
@@ -81,6 +87,8 @@ def make_report(
     # check every target before writing anything, so a refusal leaves the folder untouched
     _check_ours(md_path, is_kdx_markdown)
     _check_ours(csv_path, is_kdx_csv)
+    if has_seeds(configs):
+        _check_ours(seeds_path, is_kdx_seeds_csv)
     for path in pngs.values():
         _check_ours(path, plot_mod.is_kdx_png)
     try:
@@ -93,10 +101,16 @@ def make_report(
         if pair in pngs:
             written.append(plot_mod.heatmap_png(grid, metric, mode, pngs[pair]))
     if "pairs" in pngs:
-        written.append(plot_mod.pairs_png(pairs, metric, mode, pngs["pairs"]))
+        written.append(plot_mod.pairs_png(pairs, metric, mode, pngs["pairs"], configs))
     write_csv(csv_path, ranked, failed, metric)
+    if has_seeds(configs):
+        write_seeds_csv(seeds_path, configs, metric)
+    elif seeds_path.is_file() and is_kdx_seeds_csv(seeds_path):
+        seeds_path.unlink()  # an earlier report's configurations: stale beside this one, which has one seed each
     images = {key: path.name for key, path in pngs.items()}
-    atomic_write_text(md_path, render_markdown(root, ranked, failed, metric, mode, grids, pairs, images) + "\n")
+    atomic_write_text(md_path, render_markdown(root, ranked, failed, metric, mode, grids, pairs, images, configs)
+                       + "\n")
     summary = summary_line(ranked, failed, metric, mode)
-    return Report(root, out, metric, mode, ranked, failed, summary, [md_path, csv_path, *written],
-                  note=test_metric_note(metric))
+    files = [md_path, csv_path, *([seeds_path] if has_seeds(configs) else []), *written]
+    return Report(root, out, metric, mode, ranked, failed, summary, files,
+                  note=test_metric_note(metric), configs=configs)

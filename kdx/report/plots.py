@@ -1,4 +1,5 @@
-"""Heatmaps of a metric over temperature x alpha per pair, and a bar chart of the best metric per pair."""
+"""Heatmaps of a metric over temperature x alpha per pair (mean ± std over a cell's seeds), and a bar chart of the
+best metric per pair (with the std over its configuration's seeds as an error bar, where it has several)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from kdx.io import atomic_path
 from kdx.report.cells import fmt
 from kdx.report.collect import JobRecord
 from kdx.report.grids import Grid
+from kdx.report.seeds import ConfigStats, pm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_TAG = "kdx-report"  # stored in each PNG's metadata so a rerun knows the file is its own
@@ -63,12 +65,14 @@ def _save(fig, path: Path) -> Path:
 
 
 def heatmap_png(grid: Grid, metric: str, mode: str, path: Path) -> Path:
-    """Write a heatmap of `grid` (rows: temperature, columns: alpha) with every cell annotated; with a
-    student-alone baseline, each cell also shows its difference to it and the colour bar marks it."""
+    """Write a heatmap of `grid` (rows: temperature, columns: alpha) with every cell annotated (mean ± std and n
+    where several jobs share it); with a student-alone baseline, each cell also shows its difference to it and
+    the colour bar marks it."""
     import numpy as np
 
     data = np.array([[np.nan if v is None else v for v in row] for row in grid.means], dtype=float)
-    fig = _figure(2.6 + 1.1 * len(grid.alphas), 1.8 + 0.8 * len(grid.temperatures))
+    several = any(n > 1 for row in grid.counts for n in row)  # wider cells for "mean ± std"
+    fig = _figure(2.6 + (1.6 if several else 1.1) * len(grid.alphas), 1.8 + 0.8 * len(grid.temperatures))
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib import colormaps
 
@@ -98,7 +102,8 @@ def heatmap_png(grid: Grid, metric: str, mode: str, path: Path) -> Path:
             if mean is None:
                 ax.text(k, i, "-", ha="center", va="center", color="#666666")
                 continue
-            label = fmt(mean) + (f"\nn={n}" if n > 1 else "") + (f"\n{mean - base:+.3f}" if base is not None else "")
+            spread = pm(mean, grid.std(grid.temperatures[i], grid.alphas[k]))
+            label = spread + (f"\nn={n}" if n > 1 else "") + (f"\n{mean - base:+.3f}" if base is not None else "")
             ax.text(k, i, label, ha="center", va="center", fontsize=9, color="white" if dark(mean) else "black")
     ax.set_xticks(range(len(grid.alphas)), [fmt(a) for a in grid.alphas])
     ax.set_yticks(range(len(grid.temperatures)), [fmt(t) for t in grid.temperatures])
@@ -113,23 +118,32 @@ def heatmap_png(grid: Grid, metric: str, mode: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def pairs_png(pairs: list[tuple[str, float, JobRecord]], metric: str, mode: str, path: Path) -> Path:
-    """Write a bar chart of the best `metric` per pair (best pair first), bars annotated."""
+def pairs_png(pairs: list[tuple[str, float, JobRecord]], metric: str, mode: str, path: Path,
+              configs: list[ConfigStats] | None = None) -> Path:
+    """Write a bar chart of the best `metric` per pair (best pair first), bars annotated; where the best job's
+    configuration (`configs`, seeds.group_configs) has several seeds, its std over them is drawn as an error bar,
+    so a reader sees how far one seed's value can be off."""
     labels = [p for p, _, _ in pairs]
     values = [v for _, v, _ in pairs]
+    config_of = {id(job): c for c in configs or [] for job in c.jobs}
+    spread = [config_of[id(j)] if id(j) in config_of and config_of[id(j)].n > 1 else None for _, _, j in pairs]
+    errors = [c.std if c else 0.0 for c in spread] if any(spread) else None
     fig = _figure(max(4.0, 1.5 + 1.2 * len(labels)), 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    bars = ax.bar(range(len(labels)), values, color="#4c72b0")
+    bars = ax.bar(range(len(labels)), values, color="#4c72b0", yerr=errors, capsize=4 if errors else 0)
     if bars:
         bars[0].set_color("#dd8452")  # the best pair
-    for bar, value in zip(bars, values):
-        ax.annotate(fmt(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+    for bar, value, c in zip(bars, values, spread):
+        text = fmt(value) + (f"\nsd {fmt(c.std)}, n={c.n}" if c else "")
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + (c.std if c else 0.0)),
                     ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
     tilt = len(labels) > 3 or max(len(x) for x in labels) > 12
     ax.set_xticks(range(len(labels)), labels, rotation=25 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylabel(metric)
-    lo, hi = min(values + [0.0]), max(values + [0.0])
-    ax.set_ylim(lo * 1.1 if lo < 0 else 0.0, hi * 1.12 if hi > 0 else 1.0)
-    ax.set_title(f"best {metric} per pair ({mode})", fontsize=10)
+    tops = [v + e for v, e in zip(values, errors or [0.0] * len(values))]
+    lo, hi = min(values + [0.0]), max(tops + [0.0])
+    ax.set_ylim(lo * 1.1 if lo < 0 else 0.0, hi * (1.2 if errors else 1.12) if hi > 0 else 1.0)
+    ax.set_title(f"best {metric} per pair ({mode})" + ("\nerror bars: std over its configuration's seeds"
+                                                       if errors else ""), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -1,6 +1,7 @@
-"""The report's files: report.csv (every job, full precision) and report.md (ranking, best per pair, the grids,
-failed jobs), each recognisable as kdx-report's own (so a rerun replaces only its own files), and the one-line
-summary; the table rows are shared with the terminal table (kdx.report.terminal)."""
+"""The report's files: report.csv (every job, full precision), report.md (configurations over seeds, ranking, best
+per pair, the grids, failed jobs) and report_seeds.csv (one row per configuration, when one has several seeds),
+each recognisable as kdx-report's own (so a rerun replaces only its own files), and the one-line summary; the
+table rows are shared with the terminal table (kdx.report.terminal)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from kdx.report.cells import cell_text, fmt, short_value
 from kdx.report.collect import JobRecord, to_float
 from kdx.report.grids import Grid
 from kdx.report.rank import available_metrics, best_job, is_test_metric, test_counterpart, test_metric_note
+from kdx.report.seeds import ONE_SEED_NOTE, ConfigStats, has_seeds, pm, seeds_rows, verdict
 from kdx.text import csv_cell, markdown_table as _markdown_table, markdown_text
 
 MARKER = "<!-- kdx-report -->"
 CSV_HEAD = ("rank", "job", "status")  # every kdx report.csv header starts with these
+SEEDS_CSV_HEAD = ("rank", "configuration", "n", "seeds")  # every kdx report_seeds.csv header starts with these
 
 
 def _raw(value: Any) -> Any:
@@ -93,14 +96,35 @@ def write_csv(path: Path, ranked: list[JobRecord], failed: list[JobRecord], metr
     atomic_write_text(path, buffer.getvalue())
 
 
-def is_kdx_csv(path: Path) -> bool:
-    """True when `path` starts with the header kdx-report writes."""
+def write_seeds_csv(path: Path, configs: list[ConfigStats], metric: str | None) -> None:
+    """report_seeds.csv: one row per configuration, best mean first, with n, seeds, mean, sample std and the 95%
+    interval of `metric` (full precision) and the matching test metric's mean and std."""
+    test = next((c.test_metric for c in configs if c.test_metric), None)
+    columns = [*SEEDS_CSV_HEAD, f"{metric} mean", f"{metric} std", f"{metric} ci95_lo", f"{metric} ci95_hi"]
+    columns += [f"{test} mean", f"{test} std"] if test else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC)
+    writer.writerow([csv_cell(c) for c in [*columns, "jobs"]])
+    for i, c in enumerate(configs, 1):
+        row = [i, c.label, c.n, " ".join(c.seeds), c.mean, c.std, *(c.ci or (None, None))]
+        row += [c.test_mean, c.test_std] if test else []
+        writer.writerow([csv_cell(_raw(v)) for v in [*row, " ".join(j.rel for j in c.jobs)]])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def is_kdx_csv(path: Path, head: tuple[str, ...] = CSV_HEAD) -> bool:
+    """True when `path` starts with the header kdx-report writes (`head`: report.csv's, or SEEDS_CSV_HEAD)."""
     try:
         with open(path, encoding="utf-8", newline="") as fh:
-            head = next(csv.reader(fh), [])
+            first = next(csv.reader(fh), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
-    return tuple(head[: len(CSV_HEAD)]) == CSV_HEAD
+    return tuple(first[: len(head)]) == head
+
+
+def is_kdx_seeds_csv(path: Path) -> bool:
+    """True when `path` starts with the header of a report_seeds.csv kdx-report wrote."""
+    return is_kdx_csv(path, SEEDS_CSV_HEAD)
 
 
 def is_kdx_markdown(path: Path) -> bool:
@@ -187,15 +211,25 @@ def summary_line(ranked: list[JobRecord], failed: list[JobRecord], metric: str |
 def render_markdown(
     root: Path, ranked: list[JobRecord], failed: list[JobRecord], metric: str | None, mode: str,
     grids: dict[str, Grid], pairs: list[tuple[str, float, JobRecord]], images: dict[str, str],
+    configs: list[ConfigStats] | None = None,
 ) -> str:
-    """The whole report.md text, starting with the marker line."""
+    """The whole report.md text, starting with the marker line; `configs` (seeds.group_configs) gives the
+    "Over seeds" section when one of them has several seeds, else a one-line note."""
     others = other_metrics(ranked, metric)
     note = test_metric_note(metric)
     out = [MARKER, f"# kdx sweep report: {markdown_text(root)}", "",
            f"Ranked by **{markdown_text(metric or '-')}** ({mode}); {len(ranked)} completed, {len(failed)} failed."
            + ("" if is_test_metric(metric) else " Test metrics are shown next to it, not ranked by."), "",
            *([f"> **Note:** {note}.", ""] if note else []),
-           f"**{markdown_text(summary_line(ranked, failed, metric, mode))}**", "", "## Ranking", ""]
+           f"**{markdown_text(summary_line(ranked, failed, metric, mode))}**", ""]
+    if configs and has_seeds(configs):
+        out += ["## Over seeds", "",
+                f"Jobs that differ only by their seed form one configuration: mean ± sample std of "
+                f"{markdown_text(metric)} over its seeds, and the 95% confidence interval of the mean (Student t).", "",
+                markdown_table(*seeds_rows(configs, metric)), "", markdown_text(verdict(configs, metric)), ""]
+    elif configs and len(configs) > 1:
+        out += [ONE_SEED_NOTE, ""]  # kdx's own text: its code span is meant
+    out += ["## Ranking", ""]
     if ranked:
         out += [markdown_table(*ranking_rows(ranked, metric, others)), ""]
     else:
@@ -208,7 +242,7 @@ def render_markdown(
                                [[p, v, j.rel, describe(j)] for p, v, j in pairs]), ""]
     if grids:
         out += [f"## {markdown_text(metric)} over temperature x alpha", "",
-                "Mean over the jobs that share a cell (n = number of jobs, e.g. seeds).", ""]
+                "Mean ± sample std over the jobs that share a cell (n = number of jobs, e.g. seeds).", ""]
         for pair, grid in grids.items():
             out += [f"### {markdown_text(pair)}", ""]
             if grid.baseline is not None:
@@ -225,7 +259,8 @@ def render_markdown(
                 for k in range(len(grid.alphas)):
                     mean, n = grid.means[i][k], grid.counts[i][k]
                     delta = f" [{mean - grid.baseline.value:+.4f}]" if grid.baseline and mean is not None else ""
-                    cells.append("" if mean is None else fmt(mean) + (f" (n={n})" if n > 1 else "") + delta)
+                    text = pm(mean, grid.std(t, grid.alphas[k]))
+                    cells.append("" if mean is None else text + (f" (n={n})" if n > 1 else "") + delta)
                 rows.append([fmt(t), *cells])
             out += [markdown_table(headers, rows), ""]
     out += [f"## Failed jobs ({len(failed)})", ""]

@@ -1,5 +1,6 @@
 """The ranking printed in the terminal with rich: one line per job at any width (report.md and report.csv have
-every column)."""
+every column), and the configurations over seeds with the sentence that says whether the best one wins by more
+than the seed-to-seed noise."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from kdx.report.cells import cell_text, short_value
 from kdx.report.collect import HPARAM_KEYS, JobRecord
 from kdx.report.rank import TEST_PREFIX, test_counterpart
 from kdx.report.render import other_metrics, ranking_rows
+from kdx.report.seeds import ConfigStats, config_overrides, has_seeds, seeds_rows, verdict
 from kdx.text import markdown_text, rich_text
 
 
@@ -84,3 +86,52 @@ def print_rich(ranked: list[JobRecord], failed: list[JobRecord], metric: str | N
         for job in failed:
             ftable.add_row(rich_text(job.rel), rich_text(job.status), rich_text(job.reason or ""))
         console.print(ftable)
+
+
+def print_seeds(configs: list[ConfigStats], metric: str | None, console: Any = None) -> None:
+    """Print the configurations over seeds (pair, T, alpha, other overrides, n, seeds, mean ± std, 95% CI, test
+    mean ± std), best mean first, one line each with the least important columns left out when the terminal is
+    narrow, then the sentence saying whether the best wins by more than the noise; nothing when every
+    configuration has one seed."""
+    if not has_seeds(configs):
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    headers, rows = seeds_rows(configs, metric)
+    first = [c.jobs[0] for c in configs]
+    varying, _ = split_overrides(first)
+    stages = [c.label.removeprefix(" ".join(config_overrides(j)) or "(no overrides)").strip()  # "(kd)"
+              for c, j in zip(configs, first)]
+    cells = {h: [cell_text(r[i]) for r in rows] for i, h in enumerate(headers) if h != "configuration"}
+    cells["pair"] = [j.pair_label for j in first]
+    cells["T"], cells["alpha"] = ([cell_text(j.number(k)) for j in first] for k in ("temperature", "alpha"))
+    cells["other"] = [" ".join([*(f"{k}={short_value(v)}" for k, _, v in (o.partition("=") for o in items
+                                 if o.partition("=")[0].lstrip("+~") != "seed")), *([st] if st else [])])
+                      for items, st in zip(varying, stages)]
+    mean_col, ci_col, test_col = headers[4], headers[5], (headers[6] if len(headers) > 6 else None)
+    names = {mean_col: "mean ± std", test_col: headers[6].replace(" mean ± std", "") if test_col else None}
+    order = [h for h in ("#", "pair", "T", "alpha", "other", "n", "seeds", mean_col, ci_col, test_col)
+             if h in cells and (h in ("#", mean_col) or any(cells[h]))]
+    priority = [h for h in ("#", mean_col, ci_col, "n", "pair", "T", "alpha", test_col, "seeds", "other")
+                if h in order]
+    widths = {h: max([len(names.get(h, h))] + [len(c) for c in cells[h]]) for h in order}
+    chosen = set(_fit_columns(widths, priority, console.width, "other", 16))
+    table = Table(title=rich_text(f"configurations over seeds: {metric or '-'}, mean ± std, best mean first"),
+                  box=box.SIMPLE_HEAD, show_edge=False)
+    shown = [h for h in order if h in chosen]
+    for h in shown:
+        table.add_column(names.get(h, h), no_wrap=True, overflow="ellipsis",
+                         style="bold green" if h == mean_col else None,
+                         justify="left" if h in ("pair", "other", "seeds") else "right",
+                         min_width=16 if h == "other" else None)
+    for n in range(len(configs)):
+        table.add_row(*(rich_text(cells[h][n]) for h in shown), style="bold" if n == 0 else None)
+    console.print(table)
+    left_out = [names.get(h, h) for h in order if h not in chosen]
+    if left_out:
+        console.print(f"(left out to fit {console.width} columns: {', '.join(left_out)}; report.md and "
+                      f"report_seeds.csv have every column)", soft_wrap=True)
+    console.print(rich_text(verdict(configs, metric)), soft_wrap=True)
