@@ -7,10 +7,12 @@ within a second.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import hydra
 from hydra import compose
@@ -78,15 +80,25 @@ def _name_sweep_job(cfg: DictConfig) -> None:
                                                                      if hc.job.override_dirname else "")
 
 
+def _after_composition(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Mark whatever `task` raises as raised after Hydra composed its config, so _run_hydra_main leaves it as it
+    is instead of explaining it as a composition error (a misspelled key, an unknown option)."""
+    @functools.wraps(task)
+    def marked(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except BaseException as e:
+            e._kdx_after_composition = True
+            raise
+    return marked
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
+@_after_composition
 def _train(cfg: DictConfig) -> float | None:
     """One kdx-train job. A single run exits 2 with one sentence on a KdxError; in a multirun a failed job is
     recorded (results.json status=failed), reported in one line, and the sweep goes on (NaN to the sweeper)."""
-    try:
-        return _train_job(cfg)
-    except BaseException as e:
-        e._kdx_after_composition = True  # not a composition error: _run_hydra_main leaves it as it is
-        raise
+    return _train_job(cfg)
 
 
 def _train_job(cfg: DictConfig) -> float | None:
@@ -142,13 +154,10 @@ def _record_failure(run_dir: Path, error: BaseException) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="pipeline")
+@_after_composition
 def _pipeline(cfg: DictConfig) -> None:
     """kdx-pipeline's task: every stage, then the comparison (see kdx.pipeline)."""
-    try:
-        _pipeline_job(cfg)
-    except BaseException as e:
-        e._kdx_after_composition = True
-        raise
+    _pipeline_job(cfg)
 
 
 def _pipeline_job(cfg: DictConfig) -> None:
@@ -217,13 +226,10 @@ def pipeline_main() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="tune")
+@_after_composition
 def _tune(cfg: DictConfig) -> None:
     """kdx-tune's task: the study of conf/tune.yaml's `tune` section (see kdx.tune)."""
-    try:
-        _tune_job(cfg)
-    except BaseException as e:
-        e._kdx_after_composition = True
-        raise
+    _tune_job(cfg)
 
 
 def _tune_job(cfg: DictConfig) -> None:

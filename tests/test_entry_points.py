@@ -50,3 +50,22 @@ def test_kdx_pack_error_is_one_sentence_naming_the_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("kdx-pack: error:") and str(missing) in err and err.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_errors_raised_after_composition_are_not_explained_as_composition_errors():
+    """A job's own OmegaConf/Hydra error (e.g. a value that fails to resolve while training) passes through
+    _run_hydra_main as it is; the same error from composition becomes kdx's one-sentence explanation."""
+    import pytest
+    from omegaconf.errors import InterpolationResolutionError
+
+    from kdx import cli
+
+    @cli._after_composition
+    def job(cfg):
+        raise InterpolationResolutionError("a value the job resolved")
+
+    with pytest.raises(InterpolationResolutionError, match="a value the job resolved"):
+        cli._run_hydra_main(lambda: job(None), "train")
+    with pytest.raises(SystemExit) as stopped:  # unmarked: treated as a composition error, one sentence, exit 2
+        cli._run_hydra_main(lambda: (_ for _ in ()).throw(InterpolationResolutionError("while composing")), "train")
+    assert stopped.value.code == 2
