@@ -517,8 +517,10 @@ def render_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str
     lines = [f"# Distillation methods: {s['pair']} on {s['data']} ({s['preset']})", "", what, "",
              markdown_table(*table_rows(rows, spec)), "", f"![methods]({s['name']}.png)", "",
              f"Made by `{s['command']}`" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else "")
-             + f"; torch {v.get('torch')}, Lightning {v.get('lightning')}, kdx {v.get('kdx')}, "
-               f"Python {v.get('python')}. Each run's command: {s['name']}.csv, column `command`.", ""]
+             + f"; torch {v.get('torch')}, Lightning {v.get('lightning')}, kdx {v.get('kdx')}"
+             + (f" (commit {v['kdx_commit']})" if v.get("kdx_commit") else "")
+             + f", Python {v.get('python')}. Each run's command: {s['name']}.csv, column `command`, run on that "
+               f"commit.", ""]
     return "\n".join(lines)
 
 
@@ -582,8 +584,24 @@ def versions() -> dict[str, Any]:
     import kdx
 
     return {"torch": torch.__version__, "lightning": lightning.__version__, "kdx": kdx.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
+            "kdx_commit": kdx_commit(), "python": platform.python_version(), "platform": platform.platform(),
             "torch_threads": torch.get_num_threads()}
+
+
+def kdx_commit() -> str | None:
+    """The git commit of the kdx checkout that ran (with `+changes` when its tracked files differ from it): the
+    code a cell's command must run on to give the same digits. None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def write_outputs(out: Path, runs: list[dict[str, Any]], methods: list[str], settings: dict[str, Any],

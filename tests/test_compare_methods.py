@@ -94,7 +94,8 @@ def test_converged_preset_small_version_reproduces_a_cell_from_its_printed_comma
     for suffix in (".md", ".csv", ".png", "_versions.json"):
         assert (docs / f"{name}{suffix}").is_file(), suffix
     versions = json.loads((docs / f"{name}_versions.json").read_text())
-    assert {"torch", "lightning", "kdx"} <= set(versions)
+    assert {"torch", "lightning", "kdx", "kdx_commit"} <= set(versions)
+    assert versions["kdx_commit"] is None or len(versions["kdx_commit"].split("+")[0]) == 40  # git HEAD
     markdown = (docs / f"{name}.md").read_text()
     assert f"torch {versions['torch']}" in markdown and "s / epoch" in markdown and "Δ vs student" in markdown
     with open(docs / f"{name}.csv", newline="") as fh:
