@@ -9,6 +9,7 @@ The pair is resnet20 -> cnn_small on Fashion-MNIST (classification), or SFace ->
     python scripts/compare_methods.py --methods kd dkd --seeds 0 1 --epochs 5 --train-subset 20000
     python scripts/compare_methods.py --teacher-ckpt runs/fmnist/teacher/checkpoints/best.ckpt
     python scripts/compare_methods.py --methods kd -- trainer.max_steps=5 data.num_workers=0   # Hydra overrides
+    python scripts/compare_methods.py --preset converged --finished-only   # the table so far, nothing trained
 
 Stages, each a kdx-train run in its own folder under --out:
   teacher/seed0       the teacher (experiment fmnist/teacher), trained once, unless --teacher-ckpt is given;
@@ -204,6 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="teacher cache on disk for rows that read teacher outputs only; on with --preset converged")
     p.add_argument("--publish", type=Path, default=None,
                    help="copy the table, CSV, chart and versions into this folder (e.g. docs/results)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: tabulate (and --publish) the runs already finished, the others counted as "
+                        "'not run yet' in the table's note (a benchmark still under way, or stopped)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     if args.data is None:
@@ -271,15 +275,16 @@ def first_line(error: BaseException) -> str:
 
 def record_of(method: str, kind: str, seed: int, run_dir: Path, results: dict | None, reused: bool = False,
               error: str | None = None, command: str | None = None,
-              metrics: dict[str, str] = CLASSIFICATION_METRICS) -> dict[str, Any]:
+              metrics: dict[str, str] = CLASSIFICATION_METRICS, pending: bool = False) -> dict[str, Any]:
     """One run's row: its metrics (CSV column -> results.json key), time and status (failed with `error` when it
-    did not finish)."""
+    did not finish; pending when --finished-only found it not run yet)."""
     results = results or {}
     ok = results.get("status") == "completed" and error is None
     values, times = results.get("metrics") or {}, results.get("time") or {}
     fit_s, epochs = times.get("fit_s"), results.get("epochs")
     per_epoch = fit_s / max(int(epochs), 1) if ok and fit_s is not None and epochs is not None else None
-    return {"method": method, "kind": kind, "seed": seed, "status": "completed" if ok else "failed",
+    status = "completed" if ok else "pending" if pending else "failed"
+    return {"method": method, "kind": kind, "seed": seed, "status": status,
             "reused": bool(reused and ok), **{col: values.get(key) if ok else None for col, key in metrics.items()},
             "fit_s": fit_s if ok else None,
             "epochs": epochs if ok else None, "s_per_epoch": per_epoch, "run_dir": shown_path(run_dir),
@@ -287,7 +292,7 @@ def record_of(method: str, kind: str, seed: int, run_dir: Path, results: dict | 
             if ok and (results.get("checkpoints") or {}).get("best") else None,
             "network": (results.get("hparams") or {}).get("student" if kind != "teacher" else "teacher"),
             "config_hash": results.get("config_hash"), "command": command,
-            "error": None if ok else (error or results.get("error") or f"status {results.get('status')}")}
+            "error": None if ok or pending else (error or results.get("error") or f"status {results.get('status')}")}
 
 
 def shown_path(path: Path | str) -> str:
@@ -309,9 +314,10 @@ def cell_command(overrides: list[str], rerun_dir: Path, threads: int | None) -> 
 
 def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Path,
             rerun_dir: Path | None = None, threads: int | None = None,
-            metrics: dict[str, str] = CLASSIFICATION_METRICS) -> dict[str, Any]:
+            metrics: dict[str, str] = CLASSIFICATION_METRICS, train: bool = True) -> dict[str, Any]:
     """Compose and train one run in `run_dir`, reusing it when it already holds this finished run. With
-    `threads`, torch uses that many threads (the number the recorded command pins)."""
+    `threads`, torch uses that many threads (the number the recorded command pins). With `train` false
+    (--finished-only) a run that is not finished is left as it is and reported as pending."""
     from kdx.io import RESULTS_FILE, read_results, write_json
     from kdx.train import run_config_hash, run_training
 
@@ -327,6 +333,9 @@ def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Pa
         previous = read_results(run_dir)
         reused = bool(previous and previous.get("status") == "completed"
                       and previous.get("config_hash") == run_config_hash(cfg))
+        if not reused and not train:
+            print(f"[compare] {label}: not finished in {run_dir} (--finished-only: left as it is)", flush=True)
+            return record_of(method, kind, seed, run_dir, None, command=command, metrics=metrics, pending=True)
         print(f"[compare] {label}: {'reusing the finished run in' if reused else 'training in'} {run_dir}", flush=True)
         # multirun=True: a finished run of the same config is skipped, an interrupted one resumed, a finished one
         # of another config raises RunExistsError (never overwritten), anything else starts fresh
@@ -444,7 +453,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str],
             except Exception:  # noqa: BLE001 - not registered (yet): its runs say why
                 paper = ""
         per_epoch = [r["s_per_epoch"] for r in done if r["s_per_epoch"] is not None]
-        errors = list(dict.fromkeys(r["error"] for r in group if r["status"] != "completed"))
+        errors = list(dict.fromkeys(r["error"] for r in group if r["status"] == "failed"))
         labels = FACE_BASELINE_LABELS if metrics is FACE_METRICS else BASELINE_LABELS
         label = labels.get(name, name)
         network = next((r["network"] for r in group if r.get("network")), None)
@@ -452,7 +461,8 @@ def summarize(runs: list[dict[str, Any]], methods: list[str],
             label = f"{label} ({network})"
         rows.append({"method": name, "label": label,
                      "kind": group[0]["kind"], "paper": paper, "n": len(accs), "runs": len(group),
-                     "failed": len(group) - len(done), "mean": mean, "std": std,
+                     "failed": sum(r["status"] == "failed" for r in group),
+                     "pending": sum(r["status"] == "pending" for r in group), "mean": mean, "std": std,
                      "diff_mean": d_mean, "diff_std": d_std, "extra": extra,
                      "s_per_epoch": statistics.fmean(per_epoch) if per_epoch else None,
                      "seeds": [r["seed"] for r in done], "errors": errors,
@@ -478,9 +488,10 @@ def table_rows(rows: list[dict[str, Any]], spec: dict[str, Any] = DATASETS["fmni
                "recipe", "note"]
     out = []
     for r in rows:
-        note = ""
+        note = f"not run yet: {r['pending']}/{r['runs']}" if r.get("pending") else ""
         if r["failed"]:
-            note = f"FAILED {r['failed']}/{r['runs']}: " + "; ".join(e or "" for e in r["errors"])
+            note = (f"{note}; " if note else "") + f"FAILED {r['failed']}/{r['runs']}: " + "; ".join(
+                e or "" for e in r["errors"])
         elif r["kind"] == "teacher":
             note = "given checkpoint" if r.get("given") else ""
         diff = "-" if r["kind"] == "student" or r["diff_mean"] is None else pct(
@@ -514,6 +525,10 @@ def render_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str
                 "trained with the same seed (mean ± std; the teacher's is to the student's mean). s / epoch: mean "
                 "fit time / epochs (validation included). recipe: the row's settings beyond its preset "
                 "(scripts/compare_methods.py --recipes).")
+    pending = sum(r.get("pending", 0) for r in rows)
+    if pending:  # a table of a benchmark still under way (--finished-only) says so before the numbers
+        what += (f" **Under way: {pending} run(s) not finished yet** (counted in the note column; the rows show the "
+                 f"seeds finished so far, `n seeds`).")
     lines = [f"# Distillation methods: {s['pair']} on {s['data']} ({s['preset']})", "", what, "",
              markdown_table(*table_rows(rows, spec)), "", f"![methods]({s['name']}.png)", "",
              f"Made by `{s['command']}`" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else "")
@@ -683,10 +698,10 @@ def recipe_overrides(method: str, base: list[str], epochs: int) -> tuple[list[st
 
 
 def cell_worker(method: str, kind: str, seed: int, overrides: list[str], run_dir: str, rerun_dir: str,
-                threads: int, recipe: str, order: int, metrics: dict[str, str] = CLASSIFICATION_METRICS
-                ) -> dict[str, Any]:
+                threads: int, recipe: str, order: int, metrics: dict[str, str] = CLASSIFICATION_METRICS,
+                train: bool = True) -> dict[str, Any]:
     """One cell in a worker process (--jobs > 1)."""
-    rec = run_one(method, kind, seed, overrides, Path(run_dir), Path(rerun_dir), threads, metrics)
+    rec = run_one(method, kind, seed, overrides, Path(run_dir), Path(rerun_dir), threads, metrics, train=train)
     rec.update(recipe=recipe, order=order)
     return rec
 
@@ -708,8 +723,8 @@ def run_cells(cells: list[tuple], out: Path, args: argparse.Namespace, settings:
         print(f"[compare] {finished}/{total} run(s) done", flush=True)
         write_outputs(out, runs, args.methods, settings, png=False)
 
-    jobs = [(m, k, s, o, str(folder(m, s)), str(folder(m, s, out / "rerun")), threads, recipe, i, metrics)
-            for i, (m, k, s, o, recipe) in enumerate(cells)]
+    jobs = [(m, k, s, o, str(folder(m, s)), str(folder(m, s, out / "rerun")), threads, recipe, i, metrics,
+             not args.finished_only) for i, (m, k, s, o, recipe) in enumerate(cells)]
     if args.jobs == 1:
         for job in jobs:
             collect(cell_worker(*job))
@@ -727,12 +742,16 @@ def run_cells(cells: list[tuple], out: Path, args: argparse.Namespace, settings:
 def finish(out: Path, args: argparse.Namespace, settings: dict[str, Any], runs: list[dict[str, Any]],
            started: float) -> int:
     """Write the final table, CSV, chart and versions (and publish them); print the table."""
-    settings["wall_s"] = round(time.time() - started, 1)
+    if not args.finished_only:  # the time of this invocation (a tabulation only would say nothing)
+        settings["wall_s"] = round(time.time() - started, 1)
     rows, text = write_outputs(out, runs, args.methods, settings)
-    failed = [r for r in runs if r["status"] != "completed"]
+    failed = [r for r in runs if r["status"] == "failed"]
+    pending = [r for r in runs if r["status"] == "pending"]
     print("\n" + text)
-    print(f"[compare] {len(runs) - len(failed)} run(s) finished, {len(failed)} failed, in {settings['wall_s']:.0f} s; "
-          f"wrote {out / (args.name + '.md')}, .csv, .json, .png and _versions.json", flush=True)
+    print(f"[compare] {len(runs) - len(failed) - len(pending)} run(s) finished, {len(failed)} failed"
+          + (f", {len(pending)} not run yet (--finished-only)" if pending else "")
+          + f", in {time.time() - started:.0f} s; wrote {out / (args.name + '.md')}, .csv, .json, .png and "
+            f"_versions.json", flush=True)
     if args.publish is not None:
         copied = publish(out, args.name, args.publish)
         print(f"[compare] published {', '.join(shown_path(c) for c in copied)}", flush=True)
@@ -799,8 +818,11 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_epochs": args.teacher_epochs, "teacher_train_subset": args.teacher_train_subset,
         "overrides": args.overrides, "recipes": args.recipes, "cache": args.cache, "jobs": args.jobs,
         "teacher_given": args.teacher_ckpt is not None, "out": shown_path(out),
+        # the command that makes the benchmark (--finished-only only tabulates it)
         "command": " ".join(shlex.quote(w) for w in ["python", "scripts/compare_methods.py",
-                                                      *(sys.argv[1:] if argv is None else argv)]),
+                                                      *[a for a in (sys.argv[1:] if argv is None else argv)
+                                                        if a != "--finished-only"]]),
+        "finished_only": args.finished_only,
         "versions": versions(),
     }
     face, metrics = spec["kind"] == "face", spec["metrics"]
@@ -812,13 +834,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         teacher = run_one(TEACHER, "teacher", 0,
                           [f"experiment={exp}/teacher", *common(args.teacher_train_subset, args.teacher_epochs, 0),
-                           *args.overrides], out / FOLDERS[TEACHER] / "seed0", out / "rerun" / "teacher" / "seed0")
+                           *args.overrides], out / FOLDERS[TEACHER] / "seed0", out / "rerun" / "teacher" / "seed0",
+                          train=not args.finished_only)
     runs.append(teacher)
     settings["teacher_ckpt"] = shown_path(teacher["checkpoint"]) if teacher["checkpoint"] else None
     if teacher["status"] != "completed" or not teacher["checkpoint"]:
         write_outputs(out, runs, args.methods, settings)
-        print(f"[compare] the teacher failed ({teacher['error']}); nothing to distill. See {teacher['run_dir']}",
-              file=sys.stderr, flush=True)
+        why = ("is not finished (--finished-only trains nothing)" if teacher["status"] == "pending"
+               else f"failed ({teacher['error']})")
+        print(f"[compare] the teacher {why}; nothing to distill. See {teacher['run_dir']}", file=sys.stderr, flush=True)
         return 1
 
     cells = []  # seed-major: an interrupted comparison still has whole seeds

@@ -79,6 +79,19 @@ def test_method_table_on_synthetic_data_and_rerun_reuses_finished_runs(tmp_path,
     rows = table_rows((out / "methods.md").read_text())
     assert rows[-1][0] == "nosuch" and "FAILED 2/2" in rows[-1][-1]
 
+    # --finished-only tabulates a benchmark under way: seed 2 is not run, nothing is trained or created for it
+    before = results_mtimes(out)
+    assert script.main(["--data", "synthetic", "--methods", "kd", "dkd", "--seeds", "0", "1", "2", "--epochs", "1",
+                        "--teacher-epochs", "1", "--out", str(out), "--finished-only", "--", *TINY]) == 0
+    assert results_mtimes(out) == before and not (out / "kd" / "seed2").exists()
+    markdown = (out / "methods.md").read_text()
+    assert "**Under way: 3 run(s) not finished yet**" in markdown and "--finished-only" not in markdown
+    rows = {r[0]: r for r in table_rows(markdown)}
+    assert rows["kd"][5] == "2" and rows["kd"][-1] == "not run yet: 1/3"
+    with open(out / "methods.csv", newline="") as fh:
+        pending = [(r["method"], r["seed"]) for r in csv.DictReader(fh) if r["status"] == "pending"]
+    assert sorted(pending) == [("dkd", "2"), ("kd", "2"), ("student alone", "2")]
+
 
 def test_converged_preset_small_version_reproduces_a_cell_from_its_printed_command(tmp_path, monkeypatch):
     """The converged benchmark's shape (recipes, cache, fixed split, seeded views) on two methods, one seed and a
