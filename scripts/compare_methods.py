@@ -22,6 +22,11 @@ A folder that already holds the finished run of the same config is reused, never
 (an interrupted one resumes from its last checkpoint), so an interrupted benchmark continues where it stopped;
 a finished run made with another config is left as it is and its method is reported as failed (choose another
 --out). A method that fails is recorded with its error and the script goes on.
+Where --out has no finished run of a cell, a published CSV's completed row of that cell with the same config hash
+is reused (--resume-from CSV; default --publish DIR/<name>.csv): a benchmark resumes from its committed results
+on a fresh machine. The teacher is trained again when cells remain to train (they need its checkpoint); on the
+same code it is the same teacher, and a different test metric is warned about. Every CSV row records the kdx
+commit that trained it (column kdx_commit; the run folder's kdx_commit.txt).
 
 --preset converged (the benchmark whose results go to docs/results/):
   * teacher: resnet20 on all 55,000 non-validation training images (the other 5,000 are the validation split
@@ -205,6 +210,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="teacher cache on disk for rows that read teacher outputs only; on with --preset converged")
     p.add_argument("--publish", type=Path, default=None,
                    help="copy the table, CSV, chart and versions into this folder (e.g. docs/results)")
+    p.add_argument("--resume-from", type=Path, default=_DEFAULT,
+                   help="a published CSV (default: --publish DIR/<name>.csv when it exists) whose completed runs "
+                        "are reused where --out has no finished run of the same config hash: a benchmark resumes "
+                        "from its committed results on a fresh machine; 'none' reuses only --out")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: tabulate (and --publish) the runs already finished, the others counted as "
                         "'not run yet' in the table's note (a benchmark still under way, or stopped)")
@@ -251,6 +260,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.methods = [*available_distillers("classification"), *preset["extra_rows"]]
     args.methods = list(dict.fromkeys(args.methods))
     args.seeds = list(dict.fromkeys(args.seeds))
+    if args.resume_from is _DEFAULT:
+        default = args.publish / f"{args.name}.csv" if args.publish is not None else None
+        args.resume_from = default if default is not None and default.is_file() else None
+    elif str(args.resume_from).lower() == "none":
+        args.resume_from = None
+    elif not args.resume_from.is_file():
+        p.error(f"--resume-from {args.resume_from} does not exist; give the CSV a benchmark published "
+                f"(docs/results/{args.name}.csv) or 'none'")
     return args
 
 
@@ -295,6 +312,24 @@ def record_of(method: str, kind: str, seed: int, run_dir: Path, results: dict | 
             "error": None if ok or pending else (error or results.get("error") or f"status {results.get('status')}")}
 
 
+COMMIT_FILE = "kdx_commit.txt"  # in a run folder: the kdx commit that trained it (see kdx_commit)
+
+
+def read_published(path: Path, metrics: dict[str, str]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The completed runs of a published CSV (write_csv's columns) by (method, seed), as run records."""
+    numbers = {**{col: float for col in metrics}, "fit_s": float, "s_per_epoch": float, "epochs": int}
+    published = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("status") != "completed" or not row.get("config_hash"):
+                continue
+            rec: dict[str, Any] = {k: (numbers[k](v) if k in numbers else v) if v != "" else None
+                                   for k, v in row.items()}
+            rec.update(seed=int(row["seed"]), reused=True, published=shown_path(path))
+            published[(rec["method"], rec["seed"])] = rec
+    return published
+
+
 def shown_path(path: Path | str) -> str:
     """`path` relative to the working directory when it lies under it (commands that work from the repository
     root on any machine), else absolute."""
@@ -314,10 +349,14 @@ def cell_command(overrides: list[str], rerun_dir: Path, threads: int | None) -> 
 
 def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Path,
             rerun_dir: Path | None = None, threads: int | None = None,
-            metrics: dict[str, str] = CLASSIFICATION_METRICS, train: bool = True) -> dict[str, Any]:
-    """Compose and train one run in `run_dir`, reusing it when it already holds this finished run. With
+            metrics: dict[str, str] = CLASSIFICATION_METRICS, train: bool = True,
+            published: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compose and train one run in `run_dir`, reusing it when it already holds this finished run, or else the
+    `published` record of this cell (a row of a committed CSV) when its config hash is this config's. With
     `threads`, torch uses that many threads (the number the recorded command pins). With `train` false
-    (--finished-only) a run that is not finished is left as it is and reported as pending."""
+    (--finished-only) a run that is not finished is left as it is and reported as pending. A teacher is
+    trained again even when published (the students need its checkpoint; on the same code and versions it is
+    the same teacher, which the comparison of its test metric with the published one shows)."""
     from kdx.io import RESULTS_FILE, read_results, write_json
     from kdx.train import run_config_hash, run_training
 
@@ -331,8 +370,13 @@ def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Pa
     try:
         cfg = compose(overrides)
         previous = read_results(run_dir)
-        reused = bool(previous and previous.get("status") == "completed"
-                      and previous.get("config_hash") == run_config_hash(cfg))
+        identity = run_config_hash(cfg)
+        reused = bool(previous and previous.get("status") == "completed" and previous.get("config_hash") == identity)
+        if not reused and published is not None and published.get("config_hash") == identity \
+                and (kind != "teacher" or not train):
+            print(f"[compare] {label}: reusing the published run (config {identity}) from {published['published']}",
+                  flush=True)
+            return {**published, "command": command}
         if not reused and not train:
             print(f"[compare] {label}: not finished in {run_dir} (--finished-only: left as it is)", flush=True)
             return record_of(method, kind, seed, run_dir, None, command=command, metrics=metrics, pending=True)
@@ -340,7 +384,14 @@ def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Pa
         # multirun=True: a finished run of the same config is skipped, an interrupted one resumed, a finished one
         # of another config raises RunExistsError (never overwritten), anything else starts fresh
         results = run_training(cfg, run_dir, overrides, multirun=True)
-        return record_of(method, kind, seed, run_dir, results, reused=reused, command=command, metrics=metrics)
+        rec = record_of(method, kind, seed, run_dir, results, reused=reused, command=command, metrics=metrics)
+        rec["kdx_commit"] = trained_by(run_dir, reused)
+        first = next(iter(metrics))
+        if published is not None and published.get("config_hash") == identity and rec[first] != published[first]:
+            print(f"[compare] warning: {label} gives {first} {rec[first]!r} here and {published[first]!r} in "
+                  f"{published['published']} (kdx commit {published.get('kdx_commit')}); the published runs of "
+                  "other cells were made with that one", file=sys.stderr, flush=True)
+        return rec
     except Exception as e:  # noqa: BLE001 - a failed method is reported in the table, the others go on
         error = first_line(e)
         print(f"[compare] {label} failed: {error}", file=sys.stderr, flush=True)
@@ -534,13 +585,15 @@ def render_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str
              f"Made by `{s['command']}`" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else "")
              + f"; torch {v.get('torch')}, Lightning {v.get('lightning')}, kdx {v.get('kdx')}"
              + (f" (commit {v['kdx_commit']})" if v.get("kdx_commit") else "")
-             + f", Python {v.get('python')}. Each run's command: {s['name']}.csv, column `command`, run on that "
-               f"commit.", ""]
+             + f", Python {v.get('python')}. Each run's command: {s['name']}.csv, column `command`, run on the commit "
+               "of its column `kdx_commit` (the code that trained it)."
+             + (f" {s['published_reused']} run(s) were taken from the published {s['resumed_from']} (the same config "
+                "hash), not trained by this invocation." if s.get("published_reused") else ""), ""]
     return "\n".join(lines)
 
 
 RUN_COLUMNS = ["kind", "status", "reused", "fit_s", "epochs", "s_per_epoch", "network", "config_hash", "command",
-               "run_dir", "checkpoint", "error"]
+               "run_dir", "checkpoint", "kdx_commit", "error"]
 
 
 def write_csv(path: Path, runs: list[dict[str, Any]], metrics: dict[str, str] = CLASSIFICATION_METRICS) -> None:
@@ -603,6 +656,18 @@ def versions() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads()}
 
 
+def trained_by(run_dir: Path, reused: bool) -> str | None:
+    """The kdx commit that trained the run in `run_dir`: recorded there when it finished here, so a reused run
+    keeps the commit it was made with."""
+    path = run_dir / COMMIT_FILE
+    if reused and path.is_file():
+        return path.read_text(encoding="utf-8").strip() or None
+    commit = kdx_commit()
+    if (run_dir / "results.json").is_file():
+        path.write_text(f"{commit or ''}\n", encoding="utf-8")
+    return commit
+
+
 def kdx_commit() -> str | None:
     """The git commit of the kdx checkout that ran (with `+changes` when its tracked files differ from it): the
     code a cell's command must run on to give the same digits. None outside a git checkout."""
@@ -626,6 +691,7 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], methods: list[str], set
     name = settings["name"]
     metrics = DATASETS[settings["data"]]["metrics"]
     rows = summarize(runs, methods, metrics)
+    settings["published_reused"] = sum(1 for r in runs if r.get("published"))
     for r in rows:
         if r["kind"] == "teacher":
             r["given"] = settings["teacher_given"]
@@ -699,9 +765,10 @@ def recipe_overrides(method: str, base: list[str], epochs: int) -> tuple[list[st
 
 def cell_worker(method: str, kind: str, seed: int, overrides: list[str], run_dir: str, rerun_dir: str,
                 threads: int, recipe: str, order: int, metrics: dict[str, str] = CLASSIFICATION_METRICS,
-                train: bool = True) -> dict[str, Any]:
+                train: bool = True, published: dict[str, Any] | None = None) -> dict[str, Any]:
     """One cell in a worker process (--jobs > 1)."""
-    rec = run_one(method, kind, seed, overrides, Path(run_dir), Path(rerun_dir), threads, metrics, train=train)
+    rec = run_one(method, kind, seed, overrides, Path(run_dir), Path(rerun_dir), threads, metrics, train=train,
+                  published=published)
     rec.update(recipe=recipe, order=order)
     return rec
 
@@ -724,7 +791,7 @@ def run_cells(cells: list[tuple], out: Path, args: argparse.Namespace, settings:
         write_outputs(out, runs, args.methods, settings, png=False)
 
     jobs = [(m, k, s, o, str(folder(m, s)), str(folder(m, s, out / "rerun")), threads, recipe, i, metrics,
-             not args.finished_only) for i, (m, k, s, o, recipe) in enumerate(cells)]
+             not args.finished_only, args.published.get((m, s))) for i, (m, k, s, o, recipe) in enumerate(cells)]
     if args.jobs == 1:
         for job in jobs:
             collect(cell_worker(*job))
@@ -826,6 +893,11 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
     }
     face, metrics = spec["kind"] == "face", spec["metrics"]
+    args.published = read_published(args.resume_from, metrics) if args.resume_from is not None else {}
+    if args.resume_from is not None:
+        settings["resumed_from"] = shown_path(args.resume_from)
+        print(f"[compare] {len(args.published)} completed run(s) in {shown_path(args.resume_from)}: reused where "
+              f"{shown_path(out)} has no finished run of the same config", flush=True)
     runs: list[dict[str, Any]] = []
     if face:  # the pair's teacher is given (an ONNX model): scored on each seed's test identities, never trained
         return run_face_benchmark(args, spec, out, settings, common, threads)
@@ -835,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = run_one(TEACHER, "teacher", 0,
                           [f"experiment={exp}/teacher", *common(args.teacher_train_subset, args.teacher_epochs, 0),
                            *args.overrides], out / FOLDERS[TEACHER] / "seed0", out / "rerun" / "teacher" / "seed0",
-                          train=not args.finished_only)
+                          train=not args.finished_only, published=args.published.get((TEACHER, 0)))
     runs.append(teacher)
     settings["teacher_ckpt"] = shown_path(teacher["checkpoint"]) if teacher["checkpoint"] else None
     if teacher["status"] != "completed" or not teacher["checkpoint"]:

@@ -192,3 +192,45 @@ def test_each_face_row_distills_with_its_own_method_only():
         _, methods = split_distill_section(cfg.distill, "face")
         trained = sorted(entry[0] for entry in split_distill_config(methods))
         assert trained == (["emb_cos", "relational"] if name == "emb_cos+relational" else [row["method"]]), name
+
+
+def test_a_benchmark_resumes_from_its_published_csv_on_a_fresh_machine(tmp_path, monkeypatch, capsys):
+    """The run folders are gone (a fresh clone), the published CSV is not: its completed cells are reused when
+    their config hash is asked for again, the teacher is trained again for the cells still to run (the same
+    teacher: no warning), and every row says which kdx commit trained it."""
+    script = load_script()
+    monkeypatch.chdir(tmp_path)
+    docs = Path("docs_results")
+    common = ["--data", "synthetic", "--methods", "kd", "--epochs", "1", "--teacher-epochs", "1", "--jobs", "1",
+              "--out", "cmp", "--publish", str(docs)]
+    assert script.main([*common, "--seeds", "0", "--", *TINY]) == 0
+    with open(docs / "methods.csv", newline="") as fh:
+        first = {(r["method"], r["seed"]): r for r in csv.DictReader(fh)}
+    assert all(r["kdx_commit"] == (script.kdx_commit() or "") for r in first.values())
+
+    import shutil
+    shutil.rmtree("cmp")  # the machine is new: only the committed results are left
+    capsys.readouterr()
+    assert script.main([*common, "--seeds", "0", "--finished-only", "--", *TINY]) == 0
+    assert not Path("cmp/kd").exists() and not Path("cmp/student").exists()
+    with open(docs / "methods.csv", newline="") as fh:
+        again = {(r["method"], r["seed"]): r for r in csv.DictReader(fh)}
+    assert set(again) == set(first) and all(r["status"] == "completed" for r in again.values())
+    assert all(again[k]["test_acc1"] == first[k]["test_acc1"] for k in first)
+    assert "3 run(s) were taken from the published" in (docs / "methods.md").read_text()
+
+    # training a new seed: the teacher is trained again (its checkpoint is needed), seed 0 is not
+    assert script.main([*common, "--seeds", "0", "1", "--", *TINY]) == 0
+    printed = capsys.readouterr()
+    assert "kd seed 0: reusing the published run" in printed.out and "warning" not in printed.err
+    assert not Path("cmp/kd/seed0").exists() and Path("cmp/kd/seed1/results.json").is_file()
+    assert (Path("cmp/kd/seed1") / script.COMMIT_FILE).is_file()
+    with open(docs / "methods.csv", newline="") as fh:
+        last = {(r["method"], r["seed"]): r for r in csv.DictReader(fh)}
+    assert last[("kd", "0")]["test_acc1"] == first[("kd", "0")]["test_acc1"]
+    assert last[("teacher", "0")]["test_acc1"] == first[("teacher", "0")]["test_acc1"]  # the same teacher again
+    assert last[("kd", "1")]["status"] == "completed"
+
+    # a published CSV that is not there is refused by name
+    with pytest.raises(SystemExit):
+        script.parse_args([*common, "--resume-from", "nosuch.csv"])
