@@ -658,10 +658,10 @@ def versions() -> dict[str, Any]:
 
 def trained_by(run_dir: Path, reused: bool) -> str | None:
     """The kdx commit that trained the run in `run_dir`: recorded there when it finished here, so a reused run
-    keeps the commit it was made with."""
+    keeps the commit it was made with (None for a run finished before kdx_commit.txt was written)."""
     path = run_dir / COMMIT_FILE
-    if reused and path.is_file():
-        return path.read_text(encoding="utf-8").strip() or None
+    if reused:  # made by an earlier invocation: its record, or unknown (never this checkout's commit)
+        return (path.read_text(encoding="utf-8").strip() or None) if path.is_file() else None
     commit = kdx_commit()
     if (run_dir / "results.json").is_file():
         path.write_text(f"{commit or ''}\n", encoding="utf-8")
