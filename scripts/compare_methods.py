@@ -584,9 +584,12 @@ def render_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str
              markdown_table(*table_rows(rows, spec)), "", f"![methods]({s['name']}.png)", "",
              f"Made by `{s['command']}`" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else "")
              + f"; torch {v.get('torch')}, Lightning {v.get('lightning')}, kdx {v.get('kdx')}"
-             + (f" (commit {v['kdx_commit']})" if v.get("kdx_commit") else "")
-             + f", Python {v.get('python')}. Each run's command: {s['name']}.csv, column `command`, run on the commit "
-               "of its column `kdx_commit` (the code that trained it)."
+             + (f" (tabulated at commit {v['kdx_commit']})" if v.get("kdx_commit") else "")
+             + f", Python {v.get('python')}. "
+             + (f"The runs were trained by kdx commit(s) {', '.join(v['runs_kdx_commits'])}. "
+                if v.get("runs_kdx_commits") else "")
+             + f"Each run's command: {s['name']}.csv, column `command`, run on the commit of its column `kdx_commit` "
+               "(the code that trained it)."
              + (f" {s['published_reused']} run(s) were taken from the published {s['resumed_from']} (the same config "
                 "hash), not trained by this invocation." if s.get("published_reused") else ""), ""]
     return "\n".join(lines)
@@ -692,6 +695,7 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], methods: list[str], set
     metrics = DATASETS[settings["data"]]["metrics"]
     rows = summarize(runs, methods, metrics)
     settings["published_reused"] = sum(1 for r in runs if r.get("published"))
+    settings["versions"]["runs_kdx_commits"] = sorted({r["kdx_commit"] for r in runs if r.get("kdx_commit")})
     for r in rows:
         if r["kind"] == "teacher":
             r["given"] = settings["teacher_given"]

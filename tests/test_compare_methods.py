@@ -207,6 +207,8 @@ def test_a_benchmark_resumes_from_its_published_csv_on_a_fresh_machine(tmp_path,
     with open(docs / "methods.csv", newline="") as fh:
         first = {(r["method"], r["seed"]): r for r in csv.DictReader(fh)}
     assert all(r["kdx_commit"] == (script.kdx_commit() or "") for r in first.values())
+    versions = json.loads((docs / "methods_versions.json").read_text())
+    assert versions["runs_kdx_commits"] == ([script.kdx_commit()] if script.kdx_commit() else [])
 
     import shutil
     shutil.rmtree("cmp")  # the machine is new: only the committed results are left
