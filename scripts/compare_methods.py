@@ -867,6 +867,22 @@ def to_teacher_label(overrides: list[str]) -> str:
     return str(spec.get("onnx") or spec.get("ckpt") or spec.get("name"))
 
 
+def making_options(argv: list[str]) -> list[str]:
+    """The options that decide what the benchmark makes: without --finished-only and --resume-from (how this
+    invocation got its runs), up to `--`."""
+    kept, skip = [], False
+    for i, a in enumerate(argv):
+        if a == "--":
+            return kept + argv[i:]
+        if skip:
+            skip = False
+        elif a == "--resume-from":
+            skip = True
+        elif a != "--finished-only" and not a.startswith("--resume-from="):
+            kept.append(a)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = DATASETS[args.data]
@@ -891,8 +907,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_given": args.teacher_ckpt is not None, "out": shown_path(out),
         # the command that makes the benchmark (--finished-only only tabulates it)
         "command": " ".join(shlex.quote(w) for w in ["python", "scripts/compare_methods.py",
-                                                      *[a for a in (sys.argv[1:] if argv is None else argv)
-                                                        if a != "--finished-only"]]),
+                                                      *making_options(sys.argv[1:] if argv is None else argv)]),
         "finished_only": args.finished_only,
         "versions": versions(),
     }

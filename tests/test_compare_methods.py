@@ -233,6 +233,10 @@ def test_a_benchmark_resumes_from_its_published_csv_on_a_fresh_machine(tmp_path,
     assert last[("teacher", "0")]["test_acc1"] == first[("teacher", "0")]["test_acc1"]  # the same teacher again
     assert last[("kd", "1")]["status"] == "completed"
 
+    # how an invocation got its runs is not part of the command that makes the benchmark
+    assert script.making_options(["--seeds", "0", "--resume-from", "x.csv", "--finished-only", "--", "a=b"]) == \
+        ["--seeds", "0", "--", "a=b"]
+
     # a published CSV that is not there is refused by name
     with pytest.raises(SystemExit):
         script.parse_args([*common, "--resume-from", "nosuch.csv"])
