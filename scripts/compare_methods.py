@@ -46,13 +46,11 @@ commit that trained it (column kdx_commit; the run folder's kdx_commit.txt).
     outputs are all it reads (logits or the embedding): the first such run of a seed stores them, the others of
     that seed read them; the metrics are the same with or without it (tested in tests/test_teacher_cache.py);
   * --jobs 2: two runs at a time, one torch thread each (the teacher alone first, with every thread).
-  Measured on the 2-core CPU (first run, 2026-12-03; the cores were shared with other work part of the time):
-  teacher 30 min (18 epochs of ~90 s at 2 threads, 93.70% test top-1); per seed, as two 1-thread jobs, s / epoch:
-  student alone 8.4, warm-cache logit rows (kd, dkd, dist, mse, lskd) 9-12, pkt/rkd 11-15, cold-cache rows
-  (the first of a seed, e.g. bce) ~44, layer-reading rows (fitnet, nst, sp, reviewkd, vid, at: the teacher runs
-  every step) 18-36, crd ~145 (its 9,999 negatives per sample gather the whole memory every step) -> ~60 min a
-  seed, ~3 h 30 min for teacher and 3 seeds: over the 2-hour goal, CRD alone being a third of it. --methods
-  without crd, or --epochs 12, keep the rest of the comparison within 2 hours.
+  Measured on the 2-core CPU (2026-12-03, the published table): 2 h 58 min in all; the teacher 39 min 48 s
+  (18 epochs, 93.94% test top-1); per 1-thread student run, s / epoch: student alone 10, logit rows (kd, dkd,
+  dist, mse, lskd, pkt, rkd) 11-13, layer-reading rows (fitnet, nst, sp, vid, at, reviewkd) 21-27, consistent
+  30, bce 35 (the first row of a seed fills the teacher cache), crd 36. --methods without the layer-reading
+  rows, or --epochs 12, bring it under 2 hours.
 
 --preset faces (--data orl; the face table in docs/results/):
   * the pair sface_mobilefacenet56: the SFace ONNX model (given, never trained) teaches MobileFaceNet-56 on ORL's
