@@ -370,8 +370,8 @@ def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Pa
         previous = read_results(run_dir)
         identity = run_config_hash(cfg)
         reused = bool(previous and previous.get("status") == "completed" and previous.get("config_hash") == identity)
-        if not reused and published is not None and published.get("config_hash") == identity \
-                and (kind != "teacher" or not train):
+        published = published if published is not None and published.get("config_hash") == identity else None
+        if not reused and published is not None and (kind != "teacher" or not train):
             print(f"[compare] {label}: reusing the published run (config {identity}) from {published['published']}",
                   flush=True)
             return {**published, "command": command}
@@ -385,7 +385,7 @@ def run_one(method: str, kind: str, seed: int, overrides: list[str], run_dir: Pa
         rec = record_of(method, kind, seed, run_dir, results, reused=reused, command=command, metrics=metrics)
         rec["kdx_commit"] = trained_by(run_dir, reused)
         first = next(iter(metrics))
-        if published is not None and published.get("config_hash") == identity and rec[first] != published[first]:
+        if published is not None and rec[first] != published[first]:
             print(f"[compare] warning: {label} gives {first} {rec[first]!r} here and {published[first]!r} in "
                   f"{published['published']} (kdx commit {published.get('kdx_commit')}); the published runs of "
                   "other cells were made with that one", file=sys.stderr, flush=True)
@@ -903,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_epochs": args.teacher_epochs, "teacher_train_subset": args.teacher_train_subset,
         "overrides": args.overrides, "recipes": args.recipes, "cache": args.cache, "jobs": args.jobs,
         "teacher_given": args.teacher_ckpt is not None, "out": shown_path(out),
-        # the command that makes the benchmark (--finished-only only tabulates it)
+        # the command that makes the benchmark (without how this invocation got its runs: making_options)
         "command": " ".join(shlex.quote(w) for w in ["python", "scripts/compare_methods.py",
                                                       *making_options(sys.argv[1:] if argv is None else argv)]),
         "finished_only": args.finished_only,
