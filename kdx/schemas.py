@@ -264,6 +264,8 @@ class ModelSpec:
     onnx: Optional[str] = None           # face teachers: an .onnx embedding model (or `sface`)
     preprocess: Optional[Dict[str, Any]] = None  # face teachers: what the ONNX model expects
     device: Optional[str] = None         # face teachers: where onnxruntime runs
+    head: Optional[str] = None           # face teachers: null (a kdx face checkpoint's own margin head, if any) or
+                                         # centroids (a cosine head over this run's identities, kdx.distill.teachers)
 
     def __post_init__(self) -> None:
         if isinstance(self.name, str) and self.name:

@@ -57,12 +57,14 @@ commit that trained it (column kdx_commit; the run folder's kdx_commit.txt).
     training identities; data.seed = seed, so each seed has its own split into training, validation and test
     identities, and the teacher is scored on each seed's test pairs (OUT/teacher/seed<k>/results.json);
   * per seed: the student alone (its margin loss) and each face row (--methods: emb_mse, emb_cos,
-    emb_cos+relational (the shipped face_emb), relational, rkd, pkt, adadistill) from its preset with the other
-    methods of the preset removed, 20 epochs, the checkpoint of the best val/verif_acc tested once;
-    logit_kd is no row: it reads a margin head trained on the same identities, which an ONNX teacher has not;
+    emb_cos+relational (the shipped face_emb), relational, rkd, pkt, adadistill, logit_kd) from its preset with
+    the other methods of the preset removed, 20 epochs, the checkpoint of the best val/verif_acc tested once;
+    logit_kd reads SFace's logits over the training identities from its identity-centroid head
+    (experiment=orl/face_logit_kd, teacher.head=centroids), as SFace has no head trained on them;
   * the table ranks by test verification accuracy and adds AUC and TAR@FAR (1e-1, 1e-2); the CSV has one row
     per run with test_verif_acc, test_auc, test_tar@far=1e-1, test_tar@far=1e-2, val_verif_acc;
-  * every row reads the teacher's embedding only, so the teacher cache (disk) serves all of them.
+  * every row reads the teacher's outputs only (its embedding; logit_kd its centroid logits too), so the teacher
+    cache (disk) serves them: the embedding rows of a seed share one store, logit_kd keeps its own.
 
 Writes OUT/<name>.md (table: test top-1 mean +- std over seeds, the per-seed difference to the student alone,
 seconds per epoch, the rows' recipe overrides), OUT/<name>.csv (one row per run: method, seed, test_acc1 as a
@@ -125,8 +127,9 @@ ROWS: dict[str, dict[str, Any]] = {
 # (alpha as the preset says), and the shipped default face_emb (emb_cos + relational). A preset's keys that the
 # row's method does not take are removed (`~distill.projection`), and face_emb's mixed-in relational term is
 # emptied with `distill.mix=null` (Hydra merges `distill.mix={}` into the preset's mix, which keeps it).
-# logit_kd is not a row: it reads a margin head trained on the same identities, which an ONNX teacher such as
-# SFace does not have (kdx refuses it by name).
+# logit_kd reads teacher logits over the run's identities, which an ONNX teacher such as SFace has no head for: its
+# row gives SFace the identity-centroid head (experiment face_logit_kd: teacher.head=centroids). It comes last, so
+# the teacher each seed is scored with (the first row's data and teacher sections) is the plain SFace.
 _ALONE = ["distill.mix=null"]
 _ON_EMB_COS = ["~distill.projection", *_ALONE]
 FACE_ROWS: dict[str, dict[str, Any]] = {
@@ -141,6 +144,9 @@ FACE_ROWS: dict[str, dict[str, Any]] = {
     "pkt": {"experiment": "face_kd", "distill": "face_emb", "method": "pkt",
             "overrides": ["distill.method=pkt", *_ON_EMB_COS]},
     "adadistill": {"experiment": "face_kd", "distill": "face_adadistill", "method": "adadistill", "overrides": []},
+    "logit_kd": {"experiment": "face_logit_kd", "distill": "face_logit", "method": "logit_kd", "overrides": _ALONE,
+                 "paper": "Hinton et al. 2015 on the margin heads' scaled cosines; SFace's logits from its identity "
+                          "centroids (teacher.head=centroids)"},
 }
 # the papers add these methods' losses to an unweighted CE (CE + w L); their presets use alpha 0.5
 PAPER_CE_PLUS_LOSS = frozenset({"dkd", "dist", "fitnet", "at", "nst", "vid", "reviewkd", "sp", "rkd", "pkt", "crd"})

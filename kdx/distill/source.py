@@ -201,7 +201,8 @@ def face_source(teacher: FaceTeacher, distillers: DistillerSet, student: nn.Modu
         "the teacher's training identities differ from this run's"
     distillers.check_support(provided, "face distillation", why={
         "logits": f"{why}; logits need a teacher trained on the same identity set (teacher.ckpt of a task=face "
-                  "run on this data)"})
+                  "run on this data), or +teacher.head=centroids (a cosine head over the teacher's identity "
+                  "centroids of this run's training images)"})
     layer_network = None if teacher.is_onnx else teacher.net
     distillers.bind(student, layer_network)
     # with tens of thousands of identities the head's logits are a large matmul: kept only when a method reads them

@@ -1,5 +1,7 @@
 """Frozen face teachers: an embedding network (torch or ONNX) and, for a kdx face checkpoint, its margin head,
-built from a teacher spec (`teacher.onnx`, `teacher.ckpt` or `teacher.name` + `teacher.pretrained`)."""
+built from a teacher spec (`teacher.onnx`, `teacher.ckpt` or `teacher.name` + `teacher.pretrained`); and the
+identity-centroid head (`teacher.head=centroids`), which gives any embedding teacher logits over this run's
+identities."""
 from __future__ import annotations
 
 import warnings
@@ -7,7 +9,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from kdx.checkpoints import load_face_checkpoint
 from kdx.errors import ConfigError
@@ -16,6 +20,7 @@ from kdx.models import build_embedding_model, fit_input, model_input_size
 from kdx.models.onnx_teacher import OnnxEmbeddingModel, recorded_normalization, sface_model_path
 
 PREPROCESS_KEYS = ("input_size", "channel_order", "value_range", "mean", "std", "convert_channels")
+TEACHER_HEADS = ("centroids",)  # teacher.head: how a face teacher gets logits over this run's identities
 
 
 class FaceTeacher(nn.Module):
@@ -102,3 +107,45 @@ def build_face_teacher(spec: Mapping[str, Any], data_mean: Any = 0.5, data_std: 
         return FaceTeacher(net.eval(), source=str(spec["pretrained"]))
     raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding model), "
                       "teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")
+
+
+@torch.no_grad()
+def centroid_head(teacher: FaceTeacher, dataset: Dataset, num_classes: int, scale: float,
+                  batch_size: int = 64) -> CombinedMarginHead:
+    """A cosine head over `num_classes` identities whose class weights are the teacher's identity centroids: the
+    mean of each identity's unit-length teacher embeddings over `dataset` ((image, label) pairs, best without
+    augmentation), itself scaled to unit length. Its logits are `scale` * cos(embedding, centroid), the scaled
+    cosines a margin head trained on these identities gives at evaluation (its class weights converge towards the
+    same centres), so logit distillation (logit_kd) can read a teacher that was never trained on them, an ONNX
+    model such as SFace included. No margin is applied: the head is only read, never trained.
+    """
+    sums, counts = None, torch.zeros(num_classes, dtype=torch.long)
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        emb = F.normalize(teacher(images)["embedding"].double())
+        labels = torch.as_tensor(labels).long().view(-1)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ConfigError(f"teacher.head=centroids: the training set has label {int(labels.max())} outside the "
+                              f"{num_classes} identities; the data's labels must be 0..{num_classes - 1}")
+        if sums is None:
+            sums = torch.zeros(num_classes, emb.shape[1], dtype=torch.float64)
+        sums.index_add_(0, labels, emb)
+        counts += torch.bincount(labels, minlength=num_classes)
+    missing = (counts == 0).nonzero().view(-1).tolist()
+    if sums is None or missing:
+        raise ConfigError(f"teacher.head=centroids needs a training image of every identity, but {len(missing)} of "
+                          f"{num_classes} have none (labels {missing[:5]}{'...' if len(missing) > 5 else ''}); "
+                          "drop the empty identities from the data")
+    head = CombinedMarginHead(sums.shape[1], num_classes, s=scale, m1=1.0, m2=0.0, m3=0.0)
+    head.weight.data.copy_(F.normalize(sums).float())
+    return head.requires_grad_(False).eval()
+
+
+def with_centroid_head(teacher: FaceTeacher, head: str, dataset: Dataset, class_names: Sequence[str],
+                       scale: float, batch_size: int = 64) -> FaceTeacher:
+    """`teacher` answering with logits over `class_names` from its identity-centroid head (`teacher.head=head`,
+    which must be `centroids`), computed once over `dataset`; a head it already had is replaced."""
+    if head not in TEACHER_HEADS:
+        raise ConfigError(f"teacher.head={head} is not a head kdx builds; use teacher.head=centroids (a cosine head "
+                          "over this run's identities) or leave it null")
+    fitted = centroid_head(teacher, dataset, len(class_names), scale, batch_size)
+    return FaceTeacher(teacher.net, fitted, class_names, input_size=teacher.input_size, source=teacher.source)

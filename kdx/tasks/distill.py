@@ -35,6 +35,9 @@ class DistillTask(SupervisedTask):
         if not teacher.ckpt and not teacher.pretrained:
             raise ConfigError("distillation needs a trained teacher: set teacher.ckpt=PATH (a kdx-train checkpoint) "
                               "or teacher.pretrained=true")
+        if teacher.head:
+            raise ConfigError(f"teacher.head={teacher.head} gives a face teacher logits over the run's identities; a "
+                              "classifier teacher has its own logits, so drop teacher.head")
 
     def unread_sections(self) -> tuple[str, ...]:
         return ()

@@ -1,5 +1,6 @@
 """task=face_distill: a face student on its own margin loss plus the distillers of `distill`, from a frozen face
-teacher (teacher.onnx=PATH|sface, teacher.ckpt=PATH of a task=face run, or teacher.pretrained=WEIGHTS)."""
+teacher (teacher.onnx=PATH|sface, teacher.ckpt=PATH of a task=face run, or teacher.pretrained=WEIGHTS); with
++teacher.head=centroids the teacher also answers with logits over this run's identities (kdx.distill.teachers)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from kdx.configs import to_dict
 from kdx.data.mixing import check_mix
 from kdx.distill import build_distiller_set, require_sample_indices
 from kdx.distill.source import face_source, plan_teacher_cache
-from kdx.distill.teachers import FaceTeacher, build_face_teacher
+from kdx.distill.teachers import FaceTeacher, build_face_teacher, with_centroid_head
 from kdx.errors import ConfigError, KdxError
 from kdx.lit import FaceDistillationModule
 from kdx.models.onnx_teacher import onnx_parameter_count
@@ -72,6 +73,9 @@ class FaceDistillTask(FaceTask):
         if not teacher.ckpt and not teacher.pretrained and not teacher.onnx:
             raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding "
                               "model), teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")
+        if teacher.head and self.cfg.data.get("labels", True) is False:
+            raise ConfigError(f"teacher.head={teacher.head} averages the teacher's embeddings per identity, but "
+                              "data.labels=false hides the identities; drop teacher.head or set data.labels=true")
 
     def unread_sections(self) -> tuple[str, ...]:
         return ()
@@ -83,6 +87,10 @@ class FaceDistillTask(FaceTask):
         require_sample_indices(dm, distillers)
         spec = model_spec(self.cfg, "teacher")
         teacher = build_face_teacher(vars(spec), data_mean=getattr(dm, "mean", 0.5), data_std=getattr(dm, "std", 0.5))
+        if spec.head:  # logits over this run's identities from the teacher's centroids of its training images
+            clean = getattr(dm.train_set, "without_augmentation", None)
+            teacher = with_centroid_head(teacher, spec.head, clean() if clean else dm.train_set,
+                                         list(dm.class_names), self.options.margin.s, dm.eval_batch_size)
         example = probe_teacher(teacher, dm, spec)
         shared = bool(teacher.class_names) and teacher.class_names == list(getattr(dm, "class_names", []) or [])
         # the teacher source, built once and completely before the module: network, taps and cache
