@@ -303,7 +303,10 @@ def record_of(method: str, kind: str, seed: int, run_dir: Path, results: dict | 
     ok = results.get("status") == "completed" and error is None
     values, times = results.get("metrics") or {}, results.get("time") or {}
     fit_s, epochs = times.get("fit_s"), results.get("epochs")
-    per_epoch = fit_s / max(int(epochs), 1) if ok and fit_s is not None and epochs is not None else None
+    # a resumed run's fit_s covers the epochs trained since the resume only (fit_epochs; runs recorded before that
+    # key: one train_epoch_s entry per epoch of the fit)
+    fit_epochs = times.get("fit_epochs") or len(times.get("train_epoch_s") or []) or epochs
+    per_epoch = fit_s / max(int(fit_epochs), 1) if ok and fit_s is not None and fit_epochs is not None else None
     status = "completed" if ok else "pending" if pending else "failed"
     return {"method": method, "kind": kind, "seed": seed, "status": status,
             "reused": bool(reused and ok), **{col: values.get(key) if ok else None for col, key in metrics.items()},

@@ -180,6 +180,20 @@ def test_face_methods_table_on_orl_scores_the_given_teacher_per_seed_and_reuses_
         script.parse_args(["--data", "orl", "--methods", "dkd"])
 
 
+def test_seconds_per_epoch_of_a_resumed_run_divide_its_fit_time_by_the_epochs_it_trained(tmp_path):
+    """A run resumed after 16 of 20 epochs timed only its last 4: s / epoch is fit_s / 4, not fit_s / 20 (which
+    showed such face rows at 4.5 s / epoch beside 16 s for the others); runs recorded before `fit_epochs` existed
+    count their train_epoch_s entries."""
+    script = load_script()
+    results = {"status": "completed", "epochs": 20, "metrics": {"test/acc1": 0.9, "val/acc1": 0.9},
+               "time": {"fit_s": 80.0, "fit_epochs": 4, "train_epoch_s": [15.0] * 4}}
+    assert script.record_of("kd", "distill", 0, tmp_path, results)["s_per_epoch"] == 20.0
+    del results["time"]["fit_epochs"]
+    assert script.record_of("kd", "distill", 0, tmp_path, results)["s_per_epoch"] == 20.0
+    results["time"] = {"fit_s": 80.0}
+    assert script.record_of("kd", "distill", 0, tmp_path, results)["s_per_epoch"] == 4.0
+
+
 def test_each_face_row_distills_with_its_own_method_only():
     """A face row named after one method trains that method alone (face_emb's mixed-in relational term emptied),
     and the default-preset row keeps the mix: the rows' composed distill sections, read as kdx-train reads them."""

@@ -64,6 +64,9 @@ def test_a_resumed_run_draws_what_an_uninterrupted_one_draws(tmp_path: Path, mon
     resumed = run_training(teacher_cfg(*overrides, f"resume={run_dir}"), run_dir)
     assert resumed["status"] == "completed" and resumed["resumes"] == 1
     assert resumed["metrics"] == reference["metrics"]
+    # its fit time covers the one epoch trained after the resume, and says so (per-epoch times divide by it)
+    assert reference["time"]["fit_epochs"] == 2 and resumed["time"]["fit_epochs"] == 1 and resumed["epochs"] == 2
+    assert len(resumed["time"]["train_epoch_s"]) == 1
 
 
 def test_finished_run_is_skipped_reported_or_set_aside(tmp_path: Path) -> None:

@@ -17,10 +17,14 @@ from kdx.train.metrics_csv import merge_parts
 from kdx.train.record import kept_checkpoints
 
 
-def _train_epoch_times(trainer: pl.Trainer) -> list[float]:
-    """Seconds of each epoch's training loop in this fit (no set-up, no validation), for throughput."""
+def _fit_clock(trainer: pl.Trainer) -> dict[str, Any]:
+    """`train_epoch_s`: seconds of each epoch's training loop in this fit (no set-up, no validation), for
+    throughput; `fit_epochs`: the epochs this fit trained, which a resumed run's `fit_s` covers (the epochs before
+    the resume were timed by the fit they were trained in)."""
     clock = next((c for c in trainer.callbacks if isinstance(c, RunClock)), None)
-    return [round(t, 3) for t in clock.train_times] if clock is not None else []
+    if clock is None:
+        return {"train_epoch_s": [], "fit_epochs": int(trainer.current_epoch)}
+    return {"train_epoch_s": [round(t, 3) for t in clock.train_times], "fit_epochs": len(clock.epoch_times)}
 
 
 def fit_and_test(cfg: DictConfig, run_dir: Path, parts: RunParts, resume_ckpt: Path | None,
@@ -52,7 +56,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, parts: RunParts, resume_ckpt: P
         monitor={"metric": monitor, "mode": cfg.checkpoint.get("mode", "max"),
                  "best": metrics.get(f"best_{monitor}")},
         time={"fit_s": round(fit_s, 2), "test_s": round(test_s, 2), "total_s": round(time.time() - started, 2),
-              "train_epoch_s": _train_epoch_times(trainer)},
+              **_fit_clock(trainer)},
         checkpoints=kept_checkpoints(run_dir, ckpt_cb),
         epochs=int(trainer.current_epoch), global_step=int(trainer.global_step),
         **({"teacher_cache": cache} if cache else {}),
