@@ -575,14 +575,15 @@ def render_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str
                 "on the test identities' pairs, once, with the checkpoint of the best val/verif_acc (insightface "
                 "protocol: image + flipped image, 10-fold accuracy; AUC and TAR@FAR over all test pairs); mean ± "
                 "sample std over seeds. Δ: the per-seed difference to the student alone trained with the same seed "
-                "(mean ± std). s / epoch: mean fit time / epochs (validation included).")
+                "(mean ± std). s / epoch: mean fit time / epochs trained by that fit (validation included; a "
+                "resumed run: since its resume).")
     else:
         what = (f"{s['epochs']} epoch(s) per student run on {subset} training images, seeds {s['seeds']}; "
                 f"teacher: {s['teacher_ckpt']}. Top-1 on the test set, once, with the checkpoint of the best val/acc1; "
                 "mean ± sample std over seeds (0 for one seed). Δ: the per-seed difference to the student alone "
                 "trained with the same seed (mean ± std; the teacher's is to the student's mean). s / epoch: mean "
-                "fit time / epochs (validation included). recipe: the row's settings beyond its preset "
-                "(scripts/compare_methods.py --recipes).")
+                "fit time / epochs trained by that fit (validation included; a resumed run: since its resume). "
+                "recipe: the row's settings beyond its preset (scripts/compare_methods.py --recipes).")
     pending = sum(r.get("pending", 0) for r in rows)
     if pending:  # a table of a benchmark still under way (--finished-only) says so before the numbers
         what += (f" **Under way: {pending} run(s) not finished yet** (counted in the note column; the rows show the "

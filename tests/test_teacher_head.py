@@ -110,7 +110,8 @@ def test_sface_centroids_recognise_orls_training_identities_and_logit_kd_reads_t
 @pytest.mark.slow
 def test_logit_kd_from_sface_trains_from_the_command_line(tmp_path):
     """experiment=orl/face_logit_kd (teacher.head=centroids + distill=face_logit) is a whole kdx-train run."""
-    proc = run_cli("kdx-train", "experiment=orl/face_logit_kd", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "+trainer.limit_train_batches=2", "data.val_identities=2",
+    proc = run_cli("kdx-train", "experiment=orl/face_logit_kd", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+                   "+trainer.limit_train_batches=2", "data.val_identities=2",
                    "data.test_identities=2", "data.num_val_pairs=20", "data.num_test_pairs=20",
                    "student.kwargs.input_size=[32,32]", "trainer.progress_bar=none", "hydra.run.dir=run",
                    cwd=tmp_path, timeout=240, env={"OMP_NUM_THREADS": "1"})
