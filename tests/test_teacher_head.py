@@ -72,6 +72,9 @@ def test_teacher_head_is_refused_where_it_has_no_meaning(synthetic_teacher):
     cfg = compose_train(["experiment=synthetic/kd", f"teacher.ckpt={synthetic_teacher}", "+teacher.head=centroids"])
     with pytest.raises(ConfigError, match="classifier teacher has its own logits, so drop teacher.head"):
         validate_config(cfg)
+    cfg = compose_train(["experiment=orl/face_logit_kd", "teacher.head=centre"])
+    with pytest.raises(ConfigError, match="teacher.head=centre is not a head kdx builds; use teacher.head=centroids"):
+        validate_config(cfg)
     cfg = compose_train(["experiment=orl/face_kd", "distill=face_logit", "distill.alpha=1", "data.labels=false",
                          "+teacher.head=centroids"])
     with pytest.raises(ConfigError, match="data.labels=false hides the identities; drop teacher.head"):
