@@ -65,6 +65,8 @@ commit that trained it (column kdx_commit; the run folder's kdx_commit.txt).
     per run with test_verif_acc, test_auc, test_tar@far=1e-1, test_tar@far=1e-2, val_verif_acc;
   * every row reads the teacher's outputs only (its embedding; logit_kd its centroid logits too), so the teacher
     cache (disk) serves them: the embedding rows of a seed share one store, logit_kd keeps its own.
+  Measured on the 2-core CPU (2026-12-04, the published face table): 1 h 26 min for 3 seeds x 9 rows; cached rows
+  13-16 s / epoch, the student alone 19, the first row of a seed (fills the cache) 36, logit_kd 33.
 
 Writes OUT/<name>.md (table: test top-1 mean +- std over seeds, the per-seed difference to the student alone,
 seconds per epoch, the rows' recipe overrides), OUT/<name>.csv (one row per run: method, seed, test_acc1 as a
