@@ -109,6 +109,13 @@ def build_face_teacher(spec: Mapping[str, Any], data_mean: Any = 0.5, data_std: 
                       "teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")
 
 
+def check_teacher_head(head: str | None) -> None:
+    """A `teacher.head` kdx cannot build is a ConfigError naming it (null: the teacher's own head, if any)."""
+    if head and head not in TEACHER_HEADS:
+        raise ConfigError(f"teacher.head={head} is not a head kdx builds; use teacher.head=centroids (a cosine head "
+                          "over this run's identities) or leave it null")
+
+
 @torch.no_grad()
 def centroid_head(teacher: FaceTeacher, dataset: Dataset, num_classes: int, scale: float,
                   batch_size: int = 64) -> CombinedMarginHead:
@@ -144,8 +151,6 @@ def with_centroid_head(teacher: FaceTeacher, head: str, dataset: Dataset, class_
                        scale: float, batch_size: int = 64) -> FaceTeacher:
     """`teacher` answering with logits over `class_names` from its identity-centroid head (`teacher.head=head`,
     which must be `centroids`), computed once over `dataset`; a head it already had is replaced."""
-    if head not in TEACHER_HEADS:
-        raise ConfigError(f"teacher.head={head} is not a head kdx builds; use teacher.head=centroids (a cosine head "
-                          "over this run's identities) or leave it null")
+    check_teacher_head(head)
     fitted = centroid_head(teacher, dataset, len(class_names), scale, batch_size)
     return FaceTeacher(teacher.net, fitted, class_names, input_size=teacher.input_size, source=teacher.source)

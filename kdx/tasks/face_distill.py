@@ -11,7 +11,7 @@ from kdx.configs import to_dict
 from kdx.data.mixing import check_mix
 from kdx.distill import build_distiller_set, require_sample_indices
 from kdx.distill.source import face_source, plan_teacher_cache
-from kdx.distill.teachers import TEACHER_HEADS, FaceTeacher, build_face_teacher, with_centroid_head
+from kdx.distill.teachers import FaceTeacher, build_face_teacher, check_teacher_head, with_centroid_head
 from kdx.errors import ConfigError, KdxError
 from kdx.lit import FaceDistillationModule
 from kdx.models.onnx_teacher import onnx_parameter_count
@@ -73,9 +73,7 @@ class FaceDistillTask(FaceTask):
         if not teacher.ckpt and not teacher.pretrained and not teacher.onnx:
             raise ConfigError("face distillation needs a teacher: set teacher.onnx=PATH|sface (an ONNX embedding "
                               "model), teacher.ckpt=PATH (a task=face run) or teacher.pretrained=WEIGHTS")
-        if teacher.head and teacher.head not in TEACHER_HEADS:
-            raise ConfigError(f"teacher.head={teacher.head} is not a head kdx builds; use teacher.head=centroids (a "
-                              "cosine head over this run's identities) or leave it null")
+        check_teacher_head(teacher.head)
         if teacher.head and self.cfg.data.get("labels", True) is False:
             raise ConfigError(f"teacher.head={teacher.head} averages the teacher's embeddings per identity, but "
                               "data.labels=false hides the identities; drop teacher.head or set data.labels=true")
